@@ -1,0 +1,93 @@
+"""Checks of a composed config, run before any training starts; each refusal names the key and the value."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lit_sharp.errors import ConfigError
+
+MODELS = ("resnet18", "simplevit")
+MODES = ("train", "eval")
+PRECISIONS = ("32-true", "32", "bf16-mixed")
+LOGGERS = ("wandb", "csv", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse a config that cannot give a meaningful run.
+
+    Raises:
+        ConfigError: naming the first bad key, its value and what is allowed.
+    """
+    _one_of(cfg, "mode", MODES)
+    _one_of(cfg, "model.name", MODELS)
+    _number(cfg, "module.lr", low=0.0, low_open=True)
+    _number(cfg, "module.momentum", low=0.0, high=1.0, high_open=True)
+    _number(cfg, "module.weight_decay", low=0.0)
+    _number(cfg, "module.warmup_fraction", low=0.0, high=1.0)
+    _number(cfg, "module.sam_rho", low=0.0)
+    _number(cfg, "module.mixup_alpha", low=0.0)
+    _number(cfg, "data.batch_size", low=1)
+    _number(cfg, "data.num_workers", low=0)
+    _number(cfg, "seed", low=0)
+    _precision(cfg)
+    _duration(cfg)
+    _name(cfg)
+    _one_of(cfg, "logger.kind", LOGGERS)
+    if cfg.logger.kind == "wandb":
+        _one_of(cfg, "logger.mode", WANDB_MODES)
+    if cfg.mode == "eval" and not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path", cfg.get("ckpt_path"), "mode=eval needs ckpt_path=PATH (a Lightning checkpoint or a state_dict file)")
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            raise ConfigError(key, None, "is missing from the config")
+        node = node[part]
+    return node
+
+
+def _one_of(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
+    value = _get(cfg, key)
+    if value not in allowed:
+        raise ConfigError(key, value, f"must be one of {', '.join(allowed)}")
+
+
+def _number(cfg: DictConfig, key: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> None:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(key, value, "must be a finite number")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(key, value, f"must be {'>' if low_open else '>='} {low:g}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ConfigError(key, value, f"must be {'<' if high_open else '<='} {high:g}")
+
+
+def _precision(cfg: DictConfig) -> None:
+    value = str(_get(cfg, "trainer.precision"))
+    if value in ("16-mixed", "16", "16-true"):
+        raise ConfigError("trainer.precision", value, "float16 needs a GradScaler, which cannot serve SAM's two passes "
+                          "(the ascent step would use a scaled, possibly inf gradient); use 32-true or bf16-mixed")
+    if value not in PRECISIONS:
+        raise ConfigError("trainer.precision", value, f"must be one of {', '.join(PRECISIONS)}")
+
+
+def _duration(cfg: DictConfig) -> None:
+    epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    if (steps is None or steps < 0) and (epochs is None or epochs < 1):
+        raise ConfigError("trainer.max_epochs", epochs, "must be >= 1 (or set trainer.max_steps > 0)")
+    if steps is not None and steps == 0:
+        raise ConfigError("trainer.max_steps", steps, "must be > 0, or -1 to train for trainer.max_epochs")
+
+
+def _name(cfg: DictConfig) -> None:
+    value = _get(cfg, "name")
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.=-]+", value):
+        raise ConfigError("name", value, "must be a non-empty folder name of letters, digits, '_', '-', '.', '='")

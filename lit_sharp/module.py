@@ -1,0 +1,119 @@
+"""The LightningModule of the study: SGD or SAM, mixup, and the warm-up/decay schedule stepped by hand."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_sharp.mixup import mix_batch, mixup_lambda
+from lit_sharp.sam import SAM, frozen_bn_stats
+from lit_sharp.schedule import warmup_linear_lr
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stops instead of training on garbage."""
+
+
+class ClassifierModule(pl.LightningModule):
+    """An image classifier trained as in the paper (protocol.md section 2).
+
+    Per step: mixup drawn once (lambda from ``(seed, step)``); pass 1 forward/backward; for ``sam_rho > 0`` the SAM
+    ascent ``w + rho g / ||g||`` (Foret et al. 2021) and pass 2 on the same mixed batch with BatchNorm running
+    statistics frozen, so they move once per step as in plain training; then the SGD step. ``sam_rho = 0`` is plain SGD
+    with no second pass. The learning rate of step ``t`` is :func:`~lit_sharp.schedule.warmup_linear_lr`.
+
+    Args:
+        model: any ``nn.Module`` mapping normalized images to logits.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay on all parameters.
+        nesterov: Nesterov momentum.
+        warmup_fraction: share of all steps spent warming up linearly from 0 to ``lr``.
+        sam_rho: SAM radius; 0 is plain SGD.
+        sam_adaptive: ASAM (Kwon et al. 2021) instead of SAM.
+        mixup_alpha: Beta(alpha, alpha) parameter of mixup; 0 turns mixup off.
+        num_classes: number of classes.
+        seed: seeds mixup's lambda per step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        warmup_fraction: float = 0.4,
+        sam_rho: float = 0.0,
+        sam_adaptive: bool = False,
+        mixup_alpha: float = 0.0,
+        num_classes: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.automatic_optimization = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        sgd_kwargs = dict(lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov)
+        if hp.sam_rho > 0:
+            return SAM(self.parameters(), torch.optim.SGD, rho=hp.sam_rho, adaptive=hp.sam_adaptive, **sgd_kwargs)
+        return torch.optim.SGD(self.parameters(), **sgd_kwargs)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        optimizer = self.optimizers()
+        self._set_lr(optimizer)
+        lam = mixup_lambda(self.hparams.mixup_alpha, self.hparams.seed, self.global_step)
+        inputs, targets = mix_batch(x, y, lam, self.hparams.num_classes) if lam < 1.0 else (x, y)
+
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        self._stop_if_diverged(loss)
+        self.manual_backward(loss)
+        if self.hparams.sam_rho > 0:
+            optimizer.step(closure=lambda: self._second_pass(optimizer, inputs, targets))
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Error against the clean labels, from pass 1 (the pass whose loss is logged).
+        err = (logits.detach().argmax(dim=1) != y).float().mean()
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/err", err, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss.detach()
+
+    def _second_pass(self, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Gradient at ``w + e`` on the same mixed batch; BatchNorm statistics already moved in pass 1."""
+        optimizer.zero_grad(set_to_none=True)
+        with frozen_bn_stats(self.model):
+            loss = F.cross_entropy(self.model(inputs), targets)
+            self.manual_backward(loss)
+        return loss
+
+    def _set_lr(self, optimizer: Any) -> None:
+        hp = self.hparams
+        lr = warmup_linear_lr(self.global_step, self.total_steps, hp.lr, hp.warmup_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (``trainer.max_steps`` or epochs x batches per epoch)."""
+        return max(int(self.trainer.estimated_stepping_batches), 1)
+
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        if not math.isfinite(loss.item()):
+            raise Diverged(f"training loss became {loss.item()} at step {self.global_step}")

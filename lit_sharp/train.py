@@ -1,0 +1,174 @@
+"""One run of the study: train (or resume) a model, measure it, and write ``results.json``.
+
+``run(cfg)`` is what ``train.py`` calls and what tests call directly. A run folder is
+``<paths.root>/<name>/<run name>``, the run name derived from the hyperparameters, so launching the same
+configuration again finds its own folder: a completed (or diverged) run is skipped, a run with a checkpoint
+resumes from it, and a failed run is trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from filelock import FileLock, Timeout
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lit_sharp.config import validate
+from lit_sharp.errors import UserError
+from lit_sharp.module import Diverged
+from lit_sharp.results import make_record, read_results, run_status, write_results
+from lit_sharp.tracking import build_loggers, finish_wandb
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+FINAL_STATUSES = ("completed", "diverged")
+
+
+class RunInProgress(UserError):
+    """Another process holds the run folder's lock."""
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """The hyperparameters a grid varies, in the ``results.json`` layout."""
+    return {
+        "model": str(cfg.model.name),
+        "lr": float(cfg.module.lr),
+        "sam_rho": float(cfg.module.sam_rho),
+        "mixup_alpha": float(cfg.module.mixup_alpha),
+        "augment": bool(cfg.data.augment),
+        "seed": int(cfg.seed),
+    }
+
+
+def run_name(hparams: dict[str, Any], sam_adaptive: bool = False) -> str:
+    """A folder name that is a function of the hyperparameters, e.g. ``resnet18_lr0.1_rho0.05_mix0.5_aug1_s0``."""
+    name = (
+        f"{hparams['model']}_lr{hparams['lr']:g}_rho{hparams['sam_rho']:g}"
+        f"_mix{hparams['mixup_alpha']:g}_aug{int(hparams['augment'])}_s{hparams['seed']}"
+    )
+    return name + ("_asam" if sam_adaptive else "")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """``<paths.root>/<name>/<run name>`` of the run that ``cfg`` describes."""
+    return Path(cfg.paths.root).expanduser().resolve() / cfg.name / run_name(hparams_of(cfg), cfg.module.sam_adaptive)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validate ``cfg``, then train and measure one model unless its folder already holds a finished run.
+
+    Returns:
+        The run's ``results.json`` record.
+
+    Raises:
+        UserError: a bad config, missing data, or the run is being trained by another process.
+    """
+    validate(cfg)
+    if cfg.mode == "eval":
+        from lit_sharp.evaluate import evaluate
+
+        return evaluate(cfg)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(run_dir / ".lock"), timeout=0):
+            if run_status(run_dir) in FINAL_STATUSES:
+                log.info("skipping %s: already %s", run_dir, run_status(run_dir))
+                return read_results(run_dir)
+            return _train(cfg, run_dir)
+    except Timeout:
+        raise RunInProgress(f"{run_dir} is being trained by another process (its .lock is held); not starting it twice") from None
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    hparams = hparams_of(cfg)
+    name = run_dir.name
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module, model=build_model(cfg.model))
+    callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg, run_dir, name, tags=_tags(hparams, cfg))
+    for logger in loggers:
+        logger.log_hyperparams({"hparams": hparams, "subgroup": subgroup_of(hparams), **_plain(cfg)})
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=[*callbacks, _checkpointing(run_dir)],
+        default_root_dir=str(run_dir),
+    )
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if last.is_file():
+        log.info("resuming %s from %s", name, last)
+    started = time.monotonic()
+    status, error = "completed", None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+    except UserError:
+        finish_wandb(loggers, {"run/status": "failed"}, exit_code=1)
+        raise
+    except Exception as exc:
+        _record(cfg, run_dir, loggers, hparams, "failed", time.monotonic() - started, {}, f"{type(exc).__name__}: {exc}")
+        raise
+    if status == "completed" and trainer.state.status.value != "finished":
+        raise RuntimeError(f"training of {name} ended in state {trainer.state.status.value}; no results written")
+    metrics = collect_results(callbacks) if status == "completed" else {}
+    return _record(cfg, run_dir, loggers, hparams, status, time.monotonic() - started, metrics, error)
+
+
+def _record(cfg: DictConfig, run_dir: Path, loggers: list, hparams: dict[str, Any], status: str, seconds: float,
+            metrics: dict[str, float], error: str | None) -> dict[str, Any]:
+    summary = {"run/status": status, "run/seconds": seconds, **metrics}
+    wandb_id = finish_wandb(loggers, summary, exit_code=0 if status != "failed" else 1)
+    record = make_record(name=run_dir.name, status=status, seconds=seconds, wandb_id=wandb_id, hparams=hparams,
+                         config=_plain(cfg), metrics=metrics, error=error)
+    write_results(run_dir, record)
+    log.info("%s %s in %.1f s -> %s", run_dir.name, status, seconds, run_dir / "results.json")
+    return record
+
+
+def build_model(model_cfg: DictConfig) -> nn.Module:
+    """Instantiate the model config (its ``name`` key identifies the architecture and is not passed on)."""
+    kwargs = {key: value for key, value in model_cfg.items() if key != "name"}
+    return hydra.utils.instantiate(kwargs)
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The configured end-of-training callbacks (a ``null`` entry disables one)."""
+    return [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
+def collect_results(callbacks: list[Callback]) -> dict[str, float]:
+    """Merge the ``results`` of every callback that has them (final errors, sharpness, corruption error)."""
+    metrics: dict[str, float] = {}
+    for callback in callbacks:
+        metrics.update(getattr(callback, "results", None) or {})
+    return metrics
+
+
+def subgroup_of(hparams: dict[str, Any]) -> str:
+    """The augment x mixup subgroup of a run, as the analysis names it."""
+    return f"augment={str(hparams['augment']).lower()},mixup={str(hparams['mixup_alpha'] > 0).lower()}"
+
+
+def _tags(hparams: dict[str, Any], cfg: DictConfig) -> list[str]:
+    return [hparams["model"], subgroup_of(hparams), f"sam_rho={hparams['sam_rho']:g}", f"lr={hparams['lr']:g}", cfg.name]
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _checkpointing(run_dir: Path) -> ModelCheckpoint:
+    # One file, overwritten at the end of every epoch (and so at the end of training): enough to resume, no pile-up.
+    return ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="last", save_last=False,
+                           save_top_k=1, monitor=None, every_n_epochs=1, save_on_train_epoch_end=True,
+                           enable_version_counter=False)
