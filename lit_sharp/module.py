@@ -96,8 +96,7 @@ class ClassifierModule(pl.LightningModule):
         return loss.detach()
 
     def _second_pass(self, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Gradient at ``w + e`` on the same mixed batch; BatchNorm statistics already moved in pass 1."""
-        optimizer.zero_grad(set_to_none=True)
+        """Gradient at ``w + e`` on the same mixed batch (SAM has zeroed the pass-1 gradient); BN moved in pass 1."""
         with frozen_bn_stats(self.model):
             loss = F.cross_entropy(self.model(inputs), targets)
             self.manual_backward(loss)

@@ -63,7 +63,7 @@ class AugmentedImages(torch.utils.data.Dataset):
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derived_seed(AUGMENT_STREAM, self.seed, epoch, index))
-                image = np.asarray(self.transform(Image.fromarray(image)))
+                image = np.array(self.transform(Image.fromarray(image)))
         return to_normalized_tensor(image), self.labels[index]
 
 

@@ -1,0 +1,126 @@
+"""Cost of a SAM training step relative to a plain SGD step, measured in the same process.
+
+A SAM step runs two forward/backward passes (the second under ``frozen_bn_stats``) plus the ascent and
+restore of the weights, so its cost should be about twice a plain step (target: ratio <= 2.1); with
+``rho = 0`` the second pass is skipped and the cost should match plain SGD (ratio ~= 1.0).
+
+Run as ``python bench/bench_sam.py [--full] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_sharp.sam import SAM, frozen_bn_stats
+
+BATCH_SIZE = 128
+SGD_HPARAMS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def _cifar_cnn() -> nn.Module:
+    """A small CIFAR-size CNN with BatchNorm (about 0.3M parameters)."""
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(
+        *block(3, 32), nn.MaxPool2d(2),  # (B, 32, 16, 16)
+        *block(32, 64), nn.MaxPool2d(2),  # (B, 64, 8, 8)
+        *block(64, 128), *block(128, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128)
+        nn.Linear(128, 10),
+    )
+
+
+def _plain_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _sam_step(model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with frozen_bn_stats(model):
+        F.cross_entropy(model(x), y).backward()
+    opt.second_step()
+
+
+def _sam_rho0_step(model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tensor) -> None:
+    # With rho = 0 the gradient at w + e is the gradient at w: the second pass is skipped.
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    opt.second_step()
+
+
+def _timed(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(quick: bool = True, device: str | None = None) -> dict[str, float]:
+    """Median time of a SAM step over the median time of a plain SGD step, on the same batch.
+
+    Args:
+        quick: fewer repetitions (for a smoke run); the full run uses more.
+        device: where to run ("cpu", "cuda", ...); default "cpu".
+
+    Returns:
+        ``{"sam_step": ratio, "sam_rho0_step": ratio, "plain_step_ms": milliseconds}``.
+    """
+    dev = torch.device(device or "cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH_SIZE, 3, 32, 32, generator=gen).to(dev)  # (B, 3, 32, 32)
+    y = torch.randint(0, 10, (BATCH_SIZE,), generator=gen).to(dev)
+
+    torch.manual_seed(0)
+    models = {name: _cifar_cnn().to(dev).train() for name in ("plain", "sam", "sam_rho0")}
+    plain_opt = torch.optim.SGD(models["plain"].parameters(), **SGD_HPARAMS)
+    sam_opt = SAM(models["sam"].parameters(), torch.optim.SGD, rho=0.05, **SGD_HPARAMS)
+    rho0_opt = SAM(models["sam_rho0"].parameters(), torch.optim.SGD, rho=0.0, **SGD_HPARAMS)
+    steps: dict[str, Callable[[], None]] = {
+        "plain": lambda: _plain_step(models["plain"], plain_opt, x, y),
+        "sam": lambda: _sam_step(models["sam"], sam_opt, x, y),
+        "sam_rho0": lambda: _sam_rho0_step(models["sam_rho0"], rho0_opt, x, y),
+    }
+
+    warmup, repetitions = (3, 9) if quick else (5, 31)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(warmup + repetitions):
+        # Interleaved so that drifts in machine load hit all three alike.
+        for name, step in steps.items():
+            elapsed = _timed(step, dev)
+            if rep >= warmup:
+                times[name].append(elapsed)
+    plain = statistics.median(times["plain"])
+    return {
+        "sam_step": statistics.median(times["sam"]) / plain,
+        "sam_rho0_step": statistics.median(times["sam_rho0"]) / plain,
+        "plain_step_ms": plain * 1e3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="more repetitions")
+    parser.add_argument("--device", default=None, help="torch device, default cpu")
+    args = parser.parse_args()
+    for name, value in measure(quick=not args.full, device=args.device).items():
+        print(f"{name}: {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Read what an offline W&B run wrote to its ``.wandb`` file, so tests check the real files rather than a mock.
+
+The file is a LevelDB-style log (the format W&B documents for its transaction log): a 7-byte header
+(``:W&B``, magic, version), then 32 KiB blocks of records, each with a 7-byte header (crc32, length, type:
+1 full, 2 first, 3 middle, 4 last) and a protobuf ``Record`` as payload.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32768
+HEADER = 7
+
+
+def _payloads(data: bytes):
+    offset, pending = HEADER, b""
+    while offset + HEADER <= len(data):
+        left_in_block = BLOCK - offset % BLOCK
+        if left_in_block < HEADER:
+            offset += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        chunk = data[offset + HEADER : offset + HEADER + length]
+        offset += HEADER + length
+        if kind == 0 and length == 0:
+            offset += BLOCK - offset % BLOCK if offset % BLOCK else 0
+            continue
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield pending + chunk
+            pending = b""
+
+
+def read_offline_run(run_folder: Path) -> dict[str, Any]:
+    """Summary, config keys, group, tags and job type recorded in ``run_folder/*.wandb``."""
+    (path,) = Path(run_folder).glob("*.wandb")
+    out: dict[str, Any] = {"summary": {}, "config": {}, "history_keys": set(), "group": None, "tags": [], "job_type": None}
+    for payload in _payloads(path.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            for item in record.summary.update:
+                out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "run":
+            out["group"], out["tags"], out["job_type"] = record.run.run_group, list(record.run.tags), record.run.job_type
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "history":
+            out["history_keys"].update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    return out
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    """The offline W&B run folders written under a run folder."""
+    return sorted(Path(run_dir).glob("wandb/offline-run-*"))
