@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import wandb
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32768
@@ -44,6 +45,8 @@ def _payloads(data: bytes):
 
 def read_offline_run(run_folder: Path) -> dict[str, Any]:
     """Summary, config keys, group, tags and job type recorded in ``run_folder/*.wandb``."""
+    # W&B's service completes an offline run's log when it shuts down; do that before reading.
+    wandb.teardown()
     (path,) = Path(run_folder).glob("*.wandb")
     out: dict[str, Any] = {"summary": {}, "config": {}, "history_keys": set(), "group": None, "tags": [], "job_type": None}
     for payload in _payloads(path.read_bytes()):

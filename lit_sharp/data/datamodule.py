@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_sharp.data.augment import AugmentedImages, EpochSampler, to_normalized_tensor
 from lit_sharp.data.reading import load_cifar10
-from lit_sharp.data.synthetic import ensure_synthetic
+from lit_sharp.data.synthetic import ensure_synthetic, is_synthetic
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
@@ -80,17 +80,22 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic:
-            ensure_synthetic(self.root)
+            self._write_synthetic_once()
         elif self.download:
             load_cifar10(self.root, train=True, download=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.synthetic:
-            ensure_synthetic(self.root)
+            self._write_synthetic_once()
         if self._train is None:
             self._train = load_cifar10(self.root, train=True, download=self.download)
         if self._test is None:
             self._test = load_cifar10(self.root, train=False, download=self.download)
+
+    def _write_synthetic_once(self) -> None:
+        # An existing synthetic folder is used whatever its size (tests write small ones).
+        if not is_synthetic(self.root):
+            ensure_synthetic(self.root)
 
     @property
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:

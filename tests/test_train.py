@@ -1,0 +1,156 @@
+"""The run entry point end to end: results.json, W&B offline files, validation, resume and divergence."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, compose_config, tiny_run_overrides
+from wandb_offline import offline_runs, read_offline_run
+
+import lit_sharp.train as train_module
+from lit_sharp.errors import ConfigError
+from lit_sharp.results import read_results
+from lit_sharp.train import run, run_dir_of
+
+
+def no_measurements():
+    return ["~callbacks.sharpness", "~callbacks.corruption"]
+
+
+def test_run_writes_the_record_and_the_wandb_offline_run(synthetic_root, tmp_path):
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), *no_measurements())
+    record = run(cfg)
+    run_dir = run_dir_of(cfg)
+    assert run_dir == tmp_path / "quickstart" / "resnet18_lr0.05_rho0.05_mix0.5_aug1_s0"
+    on_disk = read_results(run_dir)
+    assert on_disk == json.loads(json.dumps(record))
+    assert on_disk["run"]["status"] == "completed"
+    assert on_disk["hparams"] == {"model": "resnet18", "lr": 0.05, "sam_rho": 0.05, "mixup_alpha": 0.5,
+                                  "augment": True, "seed": 0}
+    assert on_disk["config"]["model.width"] == 4 and on_disk["config"]["trainer.max_epochs"] == 1
+    for key in ("final/train_err", "final/test_err"):
+        assert 0.0 <= on_disk["metrics"][key] <= 1.0
+    (wandb_run,) = offline_runs(run_dir)
+    assert wandb_run.name.endswith(on_disk["run"]["wandb_id"])
+    logged = read_offline_run(wandb_run)
+    assert logged["summary"]["final/test_err"] == on_disk["metrics"]["final/test_err"]
+    assert logged["summary"]["run/status"] == "completed"
+    assert logged["group"] == "quickstart" and "augment=true,mixup=true" in logged["tags"]
+    assert {"train/loss_step", "train/err_step"} <= logged["history_keys"]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    # The same configuration again finds its finished folder and trains nothing.
+    assert run(cfg) == on_disk
+    assert len(offline_runs(run_dir)) == 1
+
+
+def test_csv_logger_is_the_no_wandb_alternative(synthetic_root, tmp_path):
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), *no_measurements(), "logger=csv",
+                         "trainer.max_steps=3", "trainer.log_every_n_steps=1")
+    run(cfg)
+    run_dir = run_dir_of(cfg)
+    text = (run_dir / "csv" / "metrics.csv").read_text()
+    assert "train/loss_step" in text and "final/test_err" in text
+    assert not (run_dir / "wandb").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.name=vgg", "model.name"),
+        ("module.lr=-0.1", "module.lr"),
+        ("module.warmup_fraction=1.5", "module.warmup_fraction"),
+        ("module.sam_rho=-1", "module.sam_rho"),
+        ("module.mixup_alpha=-0.5", "module.mixup_alpha"),
+        ("trainer.precision=16-mixed", "trainer.precision"),
+        ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("logger.mode=sometimes", "logger.mode"),
+        ("name=a/b", "name"),
+    ],
+)
+def test_bad_config_values_are_refused_before_training(synthetic_root, tmp_path, override, key):
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), override)
+    with pytest.raises(ConfigError) as info:
+        run(cfg)
+    assert info.value.key == key
+    assert key in str(info.value)
+    assert not (tmp_path / "quickstart").exists()
+
+
+def test_half_precision_refusal_says_why(synthetic_root, tmp_path):
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), "trainer.precision=16-mixed")
+    with pytest.raises(ConfigError, match="GradScaler"):
+        run(cfg)
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "experiment=quickstart", f"paths.root={tmp_path}", "module.lr=-1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "error: config module.lr=-1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_is_one_clear_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", f"paths.root={tmp_path}", f"paths.data={tmp_path / 'no_data'}",
+         "callbacks=none", "logger=none"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(tmp_path / "no_data" / "cifar-10-batches-py") in result.stderr
+    assert "data.download=true" in result.stderr
+
+
+
+def test_interrupted_run_resumes_to_the_same_model(synthetic_root, tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import Callback
+
+    overrides = [*no_measurements(), "logger=none", "trainer.max_epochs=2", "data.batch_size=64"]
+    whole = compose_config(*tiny_run_overrides(synthetic_root, tmp_path / "whole"), *overrides)
+    run(whole)
+
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 4:
+                raise KeyError("simulated crash")
+
+    cut = compose_config(*tiny_run_overrides(synthetic_root, tmp_path / "cut"), *overrides)
+    build = train_module.build_callbacks
+    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*build(cfg), Crash()])
+    with pytest.raises(KeyError):
+        run(cut)
+    assert read_results(run_dir_of(cut))["run"]["status"] == "failed"
+    assert "simulated crash" in read_results(run_dir_of(cut))["run"]["error"]
+    monkeypatch.setattr(train_module, "build_callbacks", build)
+    run(cut)  # relaunch: resumes from the end-of-epoch-0 checkpoint
+
+    a = torch.load(run_dir_of(whole) / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(run_dir_of(cut) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 20
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer_states"][0]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer_states"][0]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
+    assert read_results(run_dir_of(cut))["metrics"] == read_results(run_dir_of(whole))["metrics"]
+
+
+def test_nan_loss_ends_the_run_as_diverged(synthetic_root, tmp_path):
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), *no_measurements(), "module.lr=1e30",
+                         "module.warmup_fraction=0", "module.sam_rho=0", "module.mixup_alpha=0", "data.augment=false")
+    record = run(cfg)
+    assert record["run"]["status"] == "diverged"
+    assert "loss became" in record["run"]["error"]
+    on_disk = read_results(run_dir_of(cfg))
+    assert on_disk["run"]["status"] == "diverged" and on_disk["metrics"] == {}
+    (wandb_run,) = offline_runs(run_dir_of(cfg))
+    assert read_offline_run(wandb_run)["summary"]["run/status"] == "diverged"
+    # Deterministic divergence is final: a relaunch does not train it again.
+    assert run(cfg)["run"] == on_disk["run"]
