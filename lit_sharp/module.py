@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +38,11 @@ class ClassifierModule(pl.LightningModule):
         mixup_alpha: Beta(alpha, alpha) parameter of mixup; 0 turns mixup off.
         num_classes: number of classes.
         seed: seeds mixup's lambda per step.
+        check_finite_every: read the loss back every this many steps to stop a diverged run. 1 stops at the first
+            NaN/inf; on a GPU every read is a host synchronisation, so larger values keep the step asynchronous while
+            a non-finite loss seen in between is still remembered and stops the run at the next read.
+        channels_last: keep the model in ``channels_last`` memory format (faster convolutions on GPUs).
+        compile: compile the model with ``torch.compile`` before training.
     """
 
     def __init__(
@@ -55,11 +59,19 @@ class ClassifierModule(pl.LightningModule):
         mixup_alpha: float = 0.0,
         num_classes: int = 10,
         seed: int = 0,
+        check_finite_every: int = 1,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        if check_finite_every < 1:
+            raise ValueError(f"check_finite_every must be >= 1, got {check_finite_every}")
         self.save_hyperparameters(ignore=["model"])
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        if compile:
+            self.model.compile()  # in place: parameter names and checkpoints stay those of the plain model
         self.automatic_optimization = False
+        self._nonfinite: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -114,5 +126,7 @@ class ClassifierModule(pl.LightningModule):
         return max(int(self.trainer.estimated_stepping_batches), 1)
 
     def _stop_if_diverged(self, loss: torch.Tensor) -> None:
-        if not math.isfinite(loss.item()):
-            raise Diverged(f"training loss became {loss.item()} at step {self.global_step}")
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        if (self.global_step + 1) % self.hparams.check_finite_every == 0 and self._nonfinite.item():
+            raise Diverged(f"training loss became non-finite ({loss.item()}) by step {self.global_step}")

@@ -9,19 +9,25 @@ resumes from it, and a failed run is trained again.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 from filelock import FileLock, Timeout
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lit_sharp.config import validate
 from lit_sharp.errors import UserError
+from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.module import Diverged
 from lit_sharp.results import make_record, read_results, run_status, write_results
 from lit_sharp.tracking import build_loggers, finish_wandb
@@ -31,10 +37,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 FINAL_STATUSES = ("completed", "diverged")
-
-
-class RunInProgress(UserError):
-    """Another process holds the run folder's lock."""
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
@@ -69,8 +71,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The run's ``results.json`` record.
 
+        When another process holds the run folder's lock (two launches of one grid), nothing is trained and the
+        returned record is ``{"run": {"name": ..., "status": "running"}}``.
+
     Raises:
-        UserError: a bad config, missing data, or the run is being trained by another process.
+        UserError: a bad config or missing data.
     """
     validate(cfg)
     if cfg.mode == "eval":
@@ -84,12 +89,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if run_status(run_dir) in FINAL_STATUSES:
                 log.info("skipping %s: already %s", run_dir, run_status(run_dir))
                 return read_results(run_dir)
-            return _train(cfg, run_dir)
+            with _gpu_for(cfg) as devices:
+                return _train(cfg, run_dir, devices)
     except Timeout:
-        raise RunInProgress(f"{run_dir} is being trained by another process (its .lock is held); not starting it twice") from None
+        log.warning("skipping %s: another process is training it (its .lock is held)", run_dir)
+        return {"run": {"name": run_dir.name, "status": "running"}}
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+@contextmanager
+def _gpu_for(cfg: DictConfig) -> Iterator[list[int] | None]:
+    """A GPU slot (see :mod:`lit_sharp.gpu_slots`) for a one-device run on a CUDA machine; else the config decides."""
+    wants_gpu = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") and cfg.trainer.devices in (1, "1")
+    if not (wants_gpu and torch.cuda.is_available()):
+        yield None
+        return
+    with gpu_slot(torch.cuda.device_count(), int(cfg.resources.runs_per_gpu)) as gpu:
+        yield [gpu]
+
+
+def _train(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[str, Any]:
     hparams = hparams_of(cfg)
     name = run_dir.name
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -99,9 +117,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     loggers = build_loggers(cfg, run_dir, name, tags=_tags(hparams, cfg))
     for logger in loggers:
         logger.log_hyperparams({"hparams": hparams, "subgroup": subgroup_of(hparams), **_plain(cfg)})
+    trainer_kwargs: dict[str, Any] = {"devices": devices} if devices is not None else {}
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        # submitit requeues on preemption (USR2) and the run resumes from its checkpoint; Lightning must not requeue too.
+        trainer_kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[*callbacks, _checkpointing(run_dir)],
-        default_root_dir=str(run_dir),
+        default_root_dir=str(run_dir), **trainer_kwargs,
     )
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if last.is_file():

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_sharp.data.augment import AugmentedImages, EpochSampler, to_normalized_tensor
+from lit_sharp.data.device_pipeline import DeviceTrainLoader
 from lit_sharp.data.reading import load_cifar10
 from lit_sharp.data.synthetic import ensure_synthetic, is_synthetic
 
@@ -37,7 +38,13 @@ class CIFAR10DataModule(pl.LightningDataModule):
         sharpness_size: images of the sharpness measurement (1,024 in the paper).
         sharpness_batch_size: batch size m of the sharpness measurement (128 in the paper).
         drop_last: drop the last incomplete training batch.
+        pipeline: where training batches are made. ``workers``: DataLoader worker processes (PIL augmentation, per-image
+            seeds); ``device``: the whole training set resident on the training device, batches sliced and augmented
+            there (:mod:`lit_sharp.data.device_pipeline`); ``auto``: ``device`` when training on a GPU, else ``workers``.
+        channels_last: with the device pipeline, hand out batches in ``channels_last`` memory format.
     """
+
+    PIPELINES = ("auto", "workers", "device")
 
     def __init__(
         self,
@@ -54,8 +61,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
         sharpness_size: int = 1024,
         sharpness_batch_size: int = 128,
         drop_last: bool = False,
+        pipeline: str = "auto",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if pipeline not in self.PIPELINES:
+            raise ValueError(f"pipeline must be one of {self.PIPELINES}, got {pipeline!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                             ("clean_train_size", clean_train_size), ("sharpness_size", sharpness_size),
                             ("sharpness_batch_size", sharpness_batch_size)):
@@ -75,6 +86,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.sharpness_size = sharpness_size
         self.sharpness_batch_size = sharpness_batch_size
         self.drop_last = drop_last
+        self.pipeline = pipeline
+        self.channels_last = channels_last
         self._train: tuple[np.ndarray, np.ndarray] | None = None
         self._test: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -111,8 +124,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
             self.setup()
         return self._test
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceTrainLoader:
         images, labels = self.train_arrays
+        device = self._training_device()
+        if self.pipeline == "device" or (self.pipeline == "auto" and device.type == "cuda"):
+            return DeviceTrainLoader(images, labels, batch_size=self.batch_size, augment=self.augment, seed=self.seed,
+                                     device=device, drop_last=self.drop_last, channels_last=self.channels_last)
         dataset = AugmentedImages(images, labels, augment=self.augment, seed=self.seed)
         return DataLoader(
             dataset,
@@ -123,6 +140,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             drop_last=self.drop_last,
         )
+
+    def _training_device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def clean_train_dataloader(self) -> DataLoader:
         images, labels = self.train_arrays

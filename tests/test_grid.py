@@ -1,0 +1,163 @@
+"""Grids: expansion, the local and submitit launchers, relaunch without repeats, locks, resume after a kill."""
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, compose_config, tiny_run_overrides
+from filelock import FileLock
+from wandb_offline import offline_runs
+
+from lit_sharp.gpu_slots import gpu_slot
+from lit_sharp.grid import expand, main as grid_main, status
+from lit_sharp.results import read_results
+from lit_sharp.train import run, run_dir_of
+
+
+@pytest.mark.parametrize("grid", ["paper_resnet18", "paper_simplevit"])
+def test_paper_grids_expand_to_204_distinct_runs(grid):
+    cfgs = expand(grid)
+    assert len(cfgs) == 204
+    assert len({run_dir_of(cfg) for cfg in cfgs}) == 204
+    assert {(cfg.data.augment, cfg.module.mixup_alpha, cfg.module.sam_rho) for cfg in cfgs} == {
+        (aug, mix, rho) for aug in (False, True) for mix in (0.0, 0.5) for rho in (0.0, 0.05, 0.1)
+    }
+    lrs = sorted({cfg.module.lr for cfg in cfgs})
+    assert len(lrs) == 17
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert max(ratios) / min(ratios) < 1.01  # log-spaced
+    first = cfgs[0]
+    assert first.model.name == grid.removeprefix("paper_")
+    assert (first.trainer.max_epochs, first.data.batch_size, first.module.momentum) == (200, 128, 0.9)
+    assert (first.module.weight_decay, first.module.warmup_fraction) == (5e-4, 0.4)
+    assert first.logger.group == grid
+
+
+def smoke_command(synthetic_root, runs, *launcher):
+    tiny = [o for o in tiny_run_overrides(synthetic_root, runs) if not o.startswith(("experiment=", "trainer.max_epochs"))]
+    return [sys.executable, "train.py", "-m", "grid=smoke", *tiny, *launcher]
+
+
+def run_cli(command, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def smoke_run_dirs(runs):
+    return sorted(path.parent for path in (runs / "smoke").glob("*/results.json"))
+
+
+def test_smoke_grid_on_the_local_launcher_then_relaunch_creates_nothing(synthetic_root, tmp_path):
+    runs = tmp_path / "runs"
+    run_cli(smoke_command(synthetic_root, runs, "hydra/launcher=local", "hydra.launcher.n_jobs=2"))
+    run_dirs = smoke_run_dirs(runs)
+    assert len(run_dirs) == 4
+    records = [read_results(d) for d in run_dirs]
+    assert all(r["run"]["status"] == "completed" for r in records)
+    assert {(r["hparams"]["sam_rho"], r["hparams"]["mixup_alpha"]) for r in records} == {
+        (0.0, 0.0), (0.0, 0.5), (0.05, 0.0), (0.05, 0.5)}
+    assert all(len(offline_runs(d)) == 1 for d in run_dirs)
+    assert all(any(k.startswith("sharpness/") for k in r["metrics"]) and "c10c/err" in r["metrics"] for r in records)
+    stamps = {d: (d / "results.json").stat().st_mtime_ns for d in run_dirs}
+
+    started = time.monotonic()
+    run_cli(smoke_command(synthetic_root, runs, "hydra/launcher=local", "hydra.launcher.n_jobs=2"))
+    assert time.monotonic() - started < 120
+    assert smoke_run_dirs(runs) == run_dirs
+    assert all(len(offline_runs(d)) == 1 for d in run_dirs)
+    assert {d: (d / "results.json").stat().st_mtime_ns for d in run_dirs} == stamps
+    assert grid_main(["status", "smoke", f"paths.root={runs}", f"data.root={synthetic_root}"]) == 0
+    assert [len(v) for v in status("smoke", [f"paths.root={runs}"]).values()] == [4, 0, 0, 0, 0, 0]
+
+
+def test_smoke_grid_on_submitit_local(synthetic_root, tmp_path):
+    runs = tmp_path / "runs"
+    run_cli(smoke_command(synthetic_root, runs, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30"))
+    records = [read_results(d) for d in smoke_run_dirs(runs)]
+    assert len(records) == 4 and all(r["run"]["status"] == "completed" for r in records)
+
+
+def _hold(path, ready, release):
+    with FileLock(str(path)):
+        ready.set()
+        release.wait(60)
+
+
+def test_a_run_locked_by_another_process_is_not_trained_twice(synthetic_root, tmp_path):
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), "trainer.max_steps=2")
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True)
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(run_dir / ".lock", ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        assert run(cfg)["run"]["status"] == "running"
+        assert not (run_dir / "results.json").exists() and not (run_dir / "wandb").exists()
+        assert status("smoke", [f"paths.root={tmp_path}"])  # expansion works while a lock is held
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_a_killed_run_resumes_on_relaunch(synthetic_root, tmp_path):
+    command = [sys.executable, "train.py", *tiny_run_overrides(synthetic_root, tmp_path), "trainer.max_epochs=3",
+               "~callbacks.sharpness", "~callbacks.corruption"]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path))
+    checkpoint = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not (run_dir_of(cfg) / "results.json").exists()
+    from lit_sharp.grid import run_state
+
+    assert run_state(run_dir_of(cfg)) == "resumable"
+    wandb_id = (run_dir_of(cfg) / "wandb_id.txt").read_text().strip()
+
+    result = run_cli(command)
+    record = read_results(run_dir_of(cfg))
+    assert record["run"]["status"] == "completed"
+    assert record["run"]["wandb_id"] == wandb_id  # the same W&B run continues
+    assert "resuming" in result.stderr + result.stdout
+
+
+def _take_slot(lock_dir, queue, release):
+    with gpu_slot(2, 2, lock_dir=lock_dir, poll_seconds=0.05) as gpu:
+        queue.put(gpu)
+        release.wait(60)
+
+
+def test_gpu_slots_spread_runs_over_gpus_and_cap_runs_per_gpu(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue, release = ctx.Queue(), ctx.Event()
+    holders = []
+    for _ in range(4):
+        holder = ctx.Process(target=_take_slot, args=(tmp_path, queue, release))
+        holder.start()
+        holders.append(holder)
+        holders_gpu = queue.get(timeout=60)
+        holders[-1].gpu = holders_gpu
+    assert [h.gpu for h in holders] == [0, 1, 0, 1]
+    fifth = ctx.Process(target=_take_slot, args=(tmp_path, queue, release))
+    fifth.start()
+    time.sleep(1.0)
+    assert queue.empty()  # all four slots are taken: the fifth run waits
+    release.set()
+    assert queue.get(timeout=60) in (0, 1)
+    for process in [*holders, fifth]:
+        process.join(timeout=60)
+    with pytest.raises(ValueError, match="runs_per_gpu"):
+        with gpu_slot(1, 0, lock_dir=tmp_path):
+            pass
