@@ -1,0 +1,193 @@
+"""Cost of ``lit_sharp.sharpness.sharpness`` against the floor of what it has to compute, in one process.
+
+Worst case: Auto-PGD with ``n_iters`` steps needs ``n_iters + 1`` loss evaluations per batch and a gradient at all
+but the last, so the floor is ``n_iters + 1`` plain forward+backward passes per batch on the same model and data;
+the target is at most 1.10 times that. Average case: the floor is ``n_samples`` forward passes per batch. The
+released code (transcribed in ``tests/sharpness_reference.py``) is timed against the same floor for comparison.
+Ratios, not seconds, are the result: both sides run on the same machine, interleaved, medians of a few repetitions.
+
+Run ``python bench/bench_sharpness.py [--full] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_sharp.sharpness import SharpnessSpec, sharpness
+
+BATCH_SIZE = 128  # m of the paper's m-sharpness
+N_ITERS = 20
+
+
+class _PreActBlock(nn.Module):
+    """PreAct block: BN, ReLU, conv3x3, BN, ReLU, conv3x3, plus a shortcut (1x1 conv of the pre-activated input)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False) if stride != 1 or in_planes != planes else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class NarrowPreActResNet(nn.Module):
+    """A PreAct ResNet for 32x32 inputs: widths ``w, 2w, 4w, 8w``; ``w = 64`` with 2 blocks is ResNet-18."""
+
+    def __init__(self, width: int = 8, blocks_per_stage: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        layers, in_planes = [], width
+        for stage, stride in enumerate((1, 2, 2, 2)):
+            planes = width * 2**stage
+            for block in range(blocks_per_stage):
+                layers.append(_PreActBlock(in_planes, planes, stride if block == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn(self.layers(self.stem(x))))  # (batch, 8w, 4, 4)
+        return self.linear(out.mean(dim=(2, 3)))
+
+
+def _seconds(function: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _interleaved_medians(
+    functions: dict[str, Callable[[], object]], device: torch.device, repeats: int
+) -> dict[str, float]:
+    # Interleaving keeps a slow spell of a shared machine from landing on one side of a ratio only, and reversing
+    # the order every other round keeps what ran just before (caches, thread pools) from favouring one side.
+    for function in functions.values():
+        function()  # warm-up: allocator, kernels, lazy initialisation
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    names = list(functions)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            times[name].append(_seconds(functions[name], device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _released_code() -> object | None:
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    if not (tests / "sharpness_reference.py").exists():
+        return None
+    sys.path.insert(0, str(tests))
+    import sharpness_reference
+
+    return sharpness_reference
+
+
+def measure(quick: bool = True, device: str | None = None, include_released: bool = True) -> dict[str, object]:
+    """Time sharpness() against its floor on a PreAct ResNet.
+
+    Args:
+        quick: 2 batches, width 8, one block per stage, 20 average-case samples, 5 repetitions (a minute on a CPU);
+            otherwise 8 batches of ResNet-18 proper (width 64, two blocks per stage), 100 samples, 5 repetitions.
+        device: where to run; default CUDA when available.
+        include_released: also time the released code's worst case (it is slower; skip it for speed).
+
+    Returns:
+        ``sharpness_vs_floor`` (worst-case linf adaptive time over ``n_iters + 1`` forward+backward passes per
+        batch; the target is <= 1.10), ``average_vs_floor`` (average case over ``n_samples`` forward passes per
+        batch), ``released_vs_floor`` when timed, the median seconds behind them and the setting.
+    """
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    width, blocks, n_batches, n_samples, repeats = (8, 1, 2, 20, 5) if quick else (64, 2, 8, 100, 5)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = NarrowPreActResNet(width, blocks).to(target).eval()
+    batches = [
+        (torch.randn(BATCH_SIZE, 3, 32, 32, generator=generator).to(target),
+         torch.randint(0, 10, (BATCH_SIZE,), generator=generator).to(target))
+        for _ in range(n_batches)
+    ]  # fmt: skip
+    worst = SharpnessSpec("worst", "linf", 0.002, adaptive=True, n_iters=N_ITERS)
+    average = SharpnessSpec("average", "l2", 0.1, adaptive=True, n_samples=n_samples)
+
+    def forward_backward_floor() -> None:
+        for x, y in batches:
+            for _ in range(N_ITERS + 1):
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+
+    def forward_floor() -> None:
+        with torch.no_grad():
+            for x, y in batches:
+                for _ in range(n_samples):
+                    F.cross_entropy(model(x), y)
+
+    functions: dict[str, Callable[[], object]] = {
+        "floor_worst": forward_backward_floor,
+        "sharpness_worst": lambda: sharpness(model, batches, worst),
+        "floor_average": forward_floor,
+        "sharpness_average": lambda: sharpness(model, batches, average),
+    }
+    released = _released_code() if include_released else None
+    if released is not None:
+        twin = copy.deepcopy(model)
+        functions["released_worst"] = lambda: released.eval_APGD_sharpness(
+            twin, batches, F.cross_entropy, rho=worst.rho, n_iters=N_ITERS, adaptive=True, norm="linf"
+        )
+    seconds: dict[str, float] = {}
+    for group in (("floor_worst", "sharpness_worst", "released_worst"), ("floor_average", "sharpness_average")):
+        seconds |= _interleaved_medians({name: functions[name] for name in group if name in functions}, target, repeats)
+    result: dict[str, object] = {
+        "sharpness_vs_floor": seconds["sharpness_worst"] / seconds["floor_worst"],
+        "average_vs_floor": seconds["sharpness_average"] / seconds["floor_average"],
+        "seconds": seconds,
+        "setting": dict(device=str(target), width=width, blocks_per_stage=blocks, batches=n_batches,
+                        batch_size=BATCH_SIZE, n_iters=N_ITERS, n_samples=n_samples, repeats=repeats,
+                        threads=torch.get_num_threads()),  # fmt: skip
+    }
+    if "released_worst" in seconds:
+        result["released_vs_floor"] = seconds["released_worst"] / seconds["floor_worst"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="ResNet-18 proper, 8 batches (slow on a CPU)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-released", action="store_true", help="skip timing the released code")
+    args = parser.parse_args()
+    result = measure(quick=not args.full, device=args.device, include_released=not args.no_released)
+    print(f"setting: {result['setting']}")
+    print(f"median seconds: { {name: round(value, 4) for name, value in result['seconds'].items()} }")
+    print(f"sharpness_vs_floor (worst case, target <= 1.10): {result['sharpness_vs_floor']:.3f}")
+    print(f"average_vs_floor (average case): {result['average_vs_floor']:.3f}")
+    if "released_vs_floor" in result:
+        print(f"released_vs_floor (released code, worst case): {result['released_vs_floor']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
