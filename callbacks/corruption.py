@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
@@ -77,6 +79,14 @@ class CorruptionError(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute the errors, keep them in :attr:`results` and log them."""
-        self.results = corruption_error(pl_module, self.root, protocol=self.protocol, batch_size=self.batch_size)
-        rank_zero_info(f"CIFAR-10-C error ({self.protocol} protocol): {self.results['c10c/err']:.4f}")
+        self.measure(pl_module)
         log_final_metrics(trainer, self.results)
+
+    def measure(self, model: torch.nn.Module, datamodule: Any = None, *, progress: bool = True) -> dict[str, float]:
+        """Compute the CIFAR-10-C errors of ``model`` (outside a Trainer too); also kept in :attr:`results`.
+
+        ``datamodule`` and ``progress`` are accepted for the common signature of the end-of-training measures.
+        """
+        self.results = corruption_error(model, self.root, protocol=self.protocol, batch_size=self.batch_size)
+        rank_zero_info(f"CIFAR-10-C error ({self.protocol} protocol): {self.results['c10c/err']:.4f}")
+        return self.results

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -36,18 +37,23 @@ class FinalErrors(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        """Measure both errors on the trained module and log them."""
+        self.measure(pl_module, trainer.datamodule)
+        log_final_metrics(trainer, self.results)
+
+    def measure(self, model: torch.nn.Module, datamodule: Any, *, progress: bool = True) -> dict[str, float]:
+        """Both errors of ``model`` on ``datamodule``'s clean training subset and test set (also kept in ``results``)."""
         for name in ("clean_train_dataloader", "test_dataloader"):
             if not callable(getattr(datamodule, name, None)):
                 raise ValueError(f"FinalErrors needs a datamodule with `{name}()`; {type(datamodule).__name__} has none")
         self.results = {
-            "final/train_err": classification_error(pl_module, datamodule.clean_train_dataloader()),
-            "final/test_err": classification_error(pl_module, datamodule.test_dataloader()),
+            "final/train_err": classification_error(model, datamodule.clean_train_dataloader()),
+            "final/test_err": classification_error(model, datamodule.test_dataloader()),
         }
-        log_final_metrics(trainer, self.results)
         rank_zero_info(
             f"final errors: train {self.results['final/train_err']:.4f}, test {self.results['final/test_err']:.4f}"
         )
+        return self.results
 
     @override
     def state_dict(self) -> dict[str, Any]:

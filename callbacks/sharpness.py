@@ -113,32 +113,43 @@ class AdaptiveSharpness(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute every spec on the trained module and log the values."""
+        self.measure(pl_module, trainer.datamodule, progress=trainer.is_global_zero)
+        log_final_metrics(trainer, self.results)
+
+    def measure(self, model: torch.nn.Module, datamodule: Any = None, *, progress: bool = True) -> dict[str, float]:
+        """Compute every spec on ``model`` (outside a Trainer too, e.g. to evaluate a checkpoint).
+
+        Args:
+            model: returns logits; measured on its own device.
+            datamodule: provides ``sharpness_dataloader()`` when the callback was given no ``dataloader``.
+            progress: show a progress bar over the specs.
+
+        Returns:
+            ``sharpness/<spec name>`` and ``sharpness_err_increase/<spec name>`` for every spec (also kept in ``results``).
+        """
         started = time.perf_counter()
-        batches = self._batches(trainer, pl_module.device)
-        n_used = sum(len(y) for _, y in batches)
+        device = next(model.parameters()).device
+        batches = [(x.to(device), y.to(device)) for x, y in _rebatch(self._data_source(datamodule), self.n_examples,
+                                                                      self.batch_size)]
         results: dict[str, float] = {}
-        for spec in tqdm(self.specs, desc="sharpness", unit="spec", disable=not trainer.is_global_zero):
-            result = sharpness(pl_module, batches, spec)
+        for spec in tqdm(self.specs, desc="sharpness", unit="spec", disable=not progress):
+            result = sharpness(model, batches, spec)
             results[VALUE_PREFIX + spec.name] = result.value
             results[ERR_INCREASE_PREFIX + spec.name] = result.err_increase
         self.results = results
-        log_final_metrics(trainer, results)
         first = self.specs[0].name
         rank_zero_info(
-            f"AdaptiveSharpness: {len(self.specs)} specs on {n_used} examples in batches of {self.batch_size} "
-            f"({time.perf_counter() - started:.1f}s); {first} = {results[VALUE_PREFIX + first]:.6g}"
+            f"AdaptiveSharpness: {len(self.specs)} specs on {sum(len(y) for _, y in batches)} examples in batches of "
+            f"{self.batch_size} ({time.perf_counter() - started:.1f}s); {first} = {results[VALUE_PREFIX + first]:.6g}"
         )
+        return results
 
-    def _data_source(self, trainer: pl.Trainer) -> Iterable[Any]:
+    def _data_source(self, datamodule: Any) -> Iterable[Any]:
         if self.dataloader is not None:
             return self.dataloader
-        if not _has_sharpness_dataloader(trainer):
+        if not callable(getattr(datamodule, "sharpness_dataloader", None)):
             raise _missing_data()
-        return trainer.datamodule.sharpness_dataloader()
-
-    def _batches(self, trainer: pl.Trainer, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-        batches = _rebatch(self._data_source(trainer), self.n_examples, self.batch_size)
-        return [(x.to(device), y.to(device)) for x, y in batches]
+        return datamodule.sharpness_dataloader()
 
 
 def _is_positive_int(value: object) -> bool:

@@ -66,14 +66,13 @@ def make_record(
         "run": run,
         "hparams": dict(hparams),
         "config": flatten(config),
-        "metrics": {key: _json_number(value) for key, value in metrics.items()},
+        "metrics": json_metrics(metrics),
     }
 
 
-def _json_number(value: float) -> float | None:
-    # JSON has no NaN/inf; a diverged metric is recorded as null rather than as invalid JSON.
-    value = float(value)
-    return value if math.isfinite(value) else None
+def json_metrics(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """Metrics as JSON numbers: JSON has no NaN/inf, so a non-finite value is recorded as null."""
+    return {key: float(value) if math.isfinite(float(value)) else None for key, value in metrics.items()}
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""GPU figures of the campaign: training throughput and MFU of both paper models, the sharpness preset's time per model,
+and the projected wall time of both paper grids. Needs a CUDA device; run through ``python bench/run.py``.
+
+Throughput is measured through the real training path (Lightning ``Trainer``, ``ClassifierModule`` and the
+device-resident data pipeline with augmentation) on 50,000 random CIFAR-size images held on the GPU, timing steady-state
+steps between CUDA synchronisations after a warm-up. MFU is the model's training FLOPs per image (counted by
+``torch.utils.flop_counter`` on one forward+backward) times images/s over the device's peak dense throughput.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from lit_sharp.data.device_pipeline import DeviceTrainLoader
+from lit_sharp.models import preact_resnet18, simple_vit
+from lit_sharp.module import ClassifierModule
+from lit_sharp.sharpness import preset, sharpness
+
+#: Peak dense TFLOP/s by precision for the GPUs the campaign is sized for (vendor data sheets, without sparsity).
+PEAK_TFLOPS = {"H200": {"bf16-mixed": 989.0, "32-true": 67.0}, "H100": {"bf16-mixed": 989.0, "32-true": 67.0},
+               "A100": {"bf16-mixed": 312.0, "32-true": 19.5}}
+TARGETS_S_200_EPOCHS = {("resnet18", False): 170, ("resnet18", True): 340, ("simplevit", False): 320, ("simplevit", True): 640}
+TARGETS_PRESET_S = {"resnet18": 10, "simplevit": 20}
+EPOCHS, TRAIN_IMAGES, BATCH = 200, 50_000, 128
+MODELS = {"resnet18": preact_resnet18, "simplevit": simple_vit}
+
+
+class _StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times = warmup, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+
+def _peak(precision: str) -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((table[precision] for key, table in PEAK_TFLOPS.items() if key in name), None)
+
+
+def train_flops_per_image(model_name: str) -> float:
+    """Forward+backward FLOPs of one training image (one pass; SAM doubles it)."""
+    model = MODELS[model_name]().cuda()
+    x = torch.randn(BATCH, 3, 32, 32, device="cuda")
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), torch.zeros(BATCH, dtype=torch.long, device="cuda")).backward()
+    return counter.get_total_flops() / BATCH
+
+
+def throughput(model_name: str, sam: bool, precision: str, steps: int = 200, warmup: int = 30) -> float:
+    """Steady-state training images/s of the paper model (augment and mixup on) through the real training path."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (TRAIN_IMAGES, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, TRAIN_IMAGES)
+    loader = DeviceTrainLoader(images, labels, batch_size=BATCH, augment=True, seed=0, device="cuda", drop_last=True,
+                               channels_last=model_name == "resnet18")
+    module = ClassifierModule(MODELS[model_name](), lr=0.05, sam_rho=0.05 if sam else 0.0, mixup_alpha=0.5,
+                              check_finite_every=100, channels_last=model_name == "resnet18")
+    timer = _StepTimer(warmup)
+    trainer = pl.Trainer(accelerator="cuda", devices=1, precision=precision, max_steps=warmup + steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    return steps * BATCH / (timer.times[1] - timer.times[0])
+
+
+def preset_seconds(model_name: str) -> float:
+    """Wall time of the model's 48-spec paper preset on 1,024 images (8 batches of 128)."""
+    model = MODELS[model_name]().cuda()
+    batches = [(torch.randn(BATCH, 3, 32, 32, device="cuda"), torch.randint(0, 10, (BATCH,), device="cuda"))
+               for _ in range(8)]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for spec in preset(f"paper_{model_name}"):
+        sharpness(model, batches, spec)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure() -> dict[str, Any]:
+    """Every GPU figure, each beside its target; the projection assumes one run at a time per GPU."""
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "rows": []}
+    grid_hours = 0.0
+    for model_name in MODELS:
+        flops = train_flops_per_image(model_name)
+        preset_s = preset_seconds(model_name)
+        results["rows"].append({"what": f"{model_name} sharpness preset (48 specs)", "value": preset_s, "unit": "s",
+                                "target": TARGETS_PRESET_S[model_name]})
+        for sam in (False, True):
+            for precision in ("32-true", "bf16-mixed"):
+                img_s = throughput(model_name, sam, precision)
+                run_s = EPOCHS * TRAIN_IMAGES / img_s
+                peak = _peak(precision)
+                mfu = img_s * flops * (2 if sam else 1) / (peak * 1e12) if peak else None
+                results["rows"].append({
+                    "what": f"{model_name} {'SAM' if sam else 'plain'} {precision}", "img_s": img_s, "mfu": mfu,
+                    "value": run_s, "unit": "s per 200 epochs",
+                    "target": TARGETS_S_200_EPOCHS[(model_name, sam)] if precision == "bf16-mixed" else None})
+                if precision == "bf16-mixed":
+                    runs = 68 if not sam else 136  # a third of each 204-run grid is plain SGD
+                    grid_hours += runs * (run_s + preset_s) / 3600
+    results["rows"].append({"what": "both paper grids", "value": grid_hours, "unit": "GPU-hours", "target": 48})
+    return results

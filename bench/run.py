@@ -1,0 +1,98 @@
+"""Benchmarks of lit_sharp, each a ratio against a baseline measured side by side in this process.
+
+``python bench/run.py --quick`` (CPU, a few minutes) prints a table and then the line
+``ratios: lightning_overhead=X dataloader_img_s_per_worker=Y sam_step=Z sharpness_vs_floor=W``.
+Without ``--quick`` (needs a GPU) it also measures the campaign figures of ``bench_gpu.py``. Both write
+``bench/results/<date>-<device>.json`` with the machine, versions and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_sam  # noqa: E402
+import bench_sharpness  # noqa: E402
+import bench_training  # noqa: E402
+
+TARGETS = {"lightning_overhead": 1.05, "sam_step": 2.1, "sharpness_vs_floor": 1.10}
+
+
+def _machine() -> dict[str, str]:
+    import lightning
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "lightning": lightning.__version__, "threads": str(torch.get_num_threads()), "command": " ".join(sys.argv)}
+
+
+def cpu_ratios(quick: bool) -> dict[str, float]:
+    training = bench_training.measure(quick=quick)
+    sam = bench_sam.measure(quick=quick, device="cpu")
+    sharp = bench_sharpness.measure(quick=quick, device="cpu", include_released=False)
+    return {
+        "lightning_overhead": training["lightning_overhead"],
+        "dataloader_img_s_per_worker": training["dataloader_img_s_per_worker"],
+        "sam_step": sam["sam_step"],
+        "sam_rho0_step": sam["sam_rho0_step"],
+        "sharpness_vs_floor": float(sharp["sharpness_vs_floor"]),
+        "average_vs_floor": float(sharp["average_vs_floor"]),
+    }
+
+
+def _print_table(ratios: dict[str, float]) -> None:
+    print(f"{'measure':<30} {'value':>10} {'target':>8}  met")
+    for key, value in ratios.items():
+        target = TARGETS.get(key)
+        met = "" if target is None else ("yes" if value <= target else "NO")
+        print(f"{key:<30} {value:>10.4g} {'' if target is None else f'<= {target}':>8}  {met}")
+
+
+def _print_gpu(results: dict) -> None:
+    print(f"\nGPU: {results['device']}")
+    for row in results["rows"]:
+        extra = "" if "img_s" not in row else f"  {row['img_s']:,.0f} img/s" + (
+            f", MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "")
+        target = "" if row.get("target") is None else f"  (target <= {row['target']})"
+        print(f"{row['what']:<40} {row['value']:>10.1f} {row['unit']}{target}{extra}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU ratios only, small sizes (a few minutes)")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON record")
+    args = parser.parse_args(argv)
+    if not args.quick and not torch.cuda.is_available():
+        print("error: the full benchmark needs a CUDA device; use --quick on a CPU", file=sys.stderr)
+        return 2
+    record: dict = {"machine": _machine(), "date": dt.date.today().isoformat()}
+    ratios = cpu_ratios(quick=args.quick) if args.quick else {}
+    if not args.quick:
+        import bench_gpu
+
+        record["gpu"] = bench_gpu.measure()
+        _print_gpu(record["gpu"])
+    record["ratios"] = ratios
+    if ratios:
+        _print_table(ratios)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{record['date']}-{record['machine']['device'].split(' (')[0].replace(' ', '_')}.json"
+    (args.out / name).write_text(json.dumps(record, indent=2))
+    print(f"written {args.out / name}")
+    if ratios:
+        keys = ("lightning_overhead", "dataloader_img_s_per_worker", "sam_step", "sharpness_vs_floor")
+        print("ratios: " + " ".join(f"{key}={ratios[key]:.3f}" for key in keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
