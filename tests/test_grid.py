@@ -43,7 +43,8 @@ def smoke_command(synthetic_root, runs, *launcher):
 
 
 def run_cli(command, timeout=600):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    # One thread per process: the launchers run several training processes at once on few cores.
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -108,19 +109,25 @@ def test_a_run_locked_by_another_process_is_not_trained_twice(synthetic_root, tm
 
 
 def test_a_killed_run_resumes_on_relaunch(synthetic_root, tmp_path):
-    command = [sys.executable, "train.py", *tiny_run_overrides(synthetic_root, tmp_path), "trainer.max_epochs=3",
-               "~callbacks.sharpness", "~callbacks.corruption"]
+    # Many short epochs: the kill lands after the first checkpoint with seconds to spare, even on a loaded machine.
+    overrides = [*tiny_run_overrides(synthetic_root, tmp_path), "trainer.max_epochs=10", "data.batch_size=64",
+                 "data.augment=false", "~callbacks.sharpness", "~callbacks.corruption"]
+    command = [sys.executable, "train.py", *overrides]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path))
+    cfg = compose_config(*overrides)
     checkpoint = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    output = (tmp_path / "first_attempt.log").open("w")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
                                start_new_session=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert checkpoint.exists() and not (run_dir_of(cfg) / "results.json").exists()
+    output.close()
+    log = (tmp_path / "first_attempt.log").read_text()[-3000:]
+    assert checkpoint.exists(), log
+    assert not (run_dir_of(cfg) / "results.json").exists(), log
     from lit_sharp.grid import run_state
 
     assert run_state(run_dir_of(cfg)) == "resumable"
@@ -130,7 +137,7 @@ def test_a_killed_run_resumes_on_relaunch(synthetic_root, tmp_path):
     record = read_results(run_dir_of(cfg))
     assert record["run"]["status"] == "completed"
     assert record["run"]["wandb_id"] == wandb_id  # the same W&B run continues
-    assert "resuming" in result.stderr + result.stdout
+    assert "resuming" in result.stderr + result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
 
 
 def _take_slot(lock_dir, queue, release):
