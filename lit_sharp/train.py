@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lit_sharp.config import validate
-from lit_sharp.errors import UserError
+from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.module import Diverged
 from lit_sharp.results import make_record, read_results, run_status, write_results
@@ -164,8 +164,21 @@ def build_model(model_cfg: DictConfig) -> nn.Module:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """The configured end-of-training callbacks (a ``null`` entry disables one)."""
-    return [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    """The configured end-of-training callbacks (a ``null`` entry disables one).
+
+    Raises:
+        ConfigError: an entry without ``_target_``, e.g. options an experiment set for a callback that the
+            chosen ``callbacks`` group does not have.
+    """
+    callbacks = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ConfigError(f"callbacks.{key}", OmegaConf.to_container(node), "has no _target_; remove it with "
+                              f"~callbacks.{key} or choose a callbacks group that defines it")
+        callbacks.append(hydra.utils.instantiate(node))
+    return callbacks
 
 
 def collect_results(callbacks: list[Callback]) -> dict[str, float]:

@@ -1,0 +1,89 @@
+"""The training module: one mixed batch feeds both SAM passes, BN moves once per step, rho=0 is plain SGD."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import compose_config, tiny_run_overrides
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_sharp.models import preact_resnet18
+from lit_sharp.module import ClassifierModule
+from lit_sharp.train import run
+
+
+def one_step(module, x, y):
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=len(y)))
+
+
+def test_both_sam_passes_see_the_same_mixed_batch_and_bn_moves_once():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    model = preact_resnet18(width=4)
+    seen = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    module = ClassifierModule(model, lr=0.1, sam_rho=0.05, mixup_alpha=0.5, warmup_fraction=0.0, seed=3)
+    one_step(module, x, y)
+    assert len(seen) == 2
+    assert torch.equal(seen[0], seen[1])
+    assert not torch.equal(seen[0], x)  # mixup was applied (lambda < 1 for this seed and step)
+    assert model.bn.num_batches_tracked.item() == 1
+
+
+def test_bn_statistics_after_a_sam_step_equal_those_after_a_plain_step():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    torch.manual_seed(1)
+    sam_model = preact_resnet18(width=4)
+    plain_model = preact_resnet18(width=4)
+    plain_model.load_state_dict(sam_model.state_dict())
+    one_step(ClassifierModule(sam_model, lr=0.1, sam_rho=0.1, warmup_fraction=0.0), x, y)
+    one_step(ClassifierModule(plain_model, lr=0.1, sam_rho=0.0, warmup_fraction=0.0), x, y)
+    for name, buffer in sam_model.named_buffers():
+        assert torch.equal(buffer, dict(plain_model.named_buffers())[name]), name
+    # The weights did move differently: the SAM step used the gradient at w + e.
+    assert not torch.equal(sam_model.linear.weight, plain_model.linear.weight)
+
+
+def test_rho_zero_uses_plain_sgd_and_sam_otherwise():
+    from lit_sharp.sam import SAM
+
+    plain = ClassifierModule(preact_resnet18(width=4), sam_rho=0.0).configure_optimizers()
+    sam = ClassifierModule(preact_resnet18(width=4), sam_rho=0.05).configure_optimizers()
+    assert type(plain) is torch.optim.SGD and isinstance(sam, SAM)
+    assert plain.defaults["momentum"] == 0.9 and plain.defaults["weight_decay"] == 5e-4
+
+
+def test_bad_check_interval_is_refused():
+    with pytest.raises(ValueError, match="check_finite_every"):
+        ClassifierModule(preact_resnet18(width=4), check_finite_every=0)
+
+
+def test_bf16_mixed_precision_trains_with_sam(synthetic_root, tmp_path):
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), "trainer.precision=bf16-mixed",
+                         "trainer.max_steps=3", "~callbacks.sharpness", "~callbacks.corruption", "logger=none")
+    assert run(cfg)["run"]["status"] == "completed"
+
+
+def test_options_for_a_callback_that_is_not_configured_are_refused(synthetic_root, tmp_path):
+    from lit_sharp.errors import ConfigError
+
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), "callbacks=none")
+    with pytest.raises(ConfigError, match="callbacks.sharpness.*~callbacks.sharpness"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("experiment", ["paper_resnet18", "paper_simplevit"])
+def test_paper_experiments_compose_and_start(synthetic_root, tmp_path, experiment):
+    recipe = compose_config(f"experiment={experiment}")
+    assert (recipe.trainer.max_epochs, recipe.data.batch_size, recipe.data.synthetic) == (200, 128, False)
+    # The paper-size model for two small SAM steps with mixup and augmentation (batch 16 keeps it quick on a CPU).
+    cfg = compose_config(f"experiment={experiment}", "data=synthetic", f"data.root={synthetic_root}",
+                         f"paths.root={tmp_path}", "trainer.max_steps=2", "callbacks=none", "logger=none",
+                         "trainer.enable_progress_bar=false", "module.sam_rho=0.05", "module.mixup_alpha=0.5",
+                         "data.augment=true", "data.batch_size=16")
+    record = run(cfg)
+    assert record["run"]["status"] == "completed"
+    assert record["hparams"]["model"] == experiment.removeprefix("paper_")
+    assert record["config"]["model.width" if experiment == "paper_resnet18" else "model.dim"] in (64, 512)
