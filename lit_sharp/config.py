@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from typing import Any
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from lit_sharp.errors import ConfigError
 
 MODELS = ("resnet18", "simplevit")
 MODES = ("train", "eval")
-PRECISIONS = ("32-true", "32", "bf16-mixed")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
+#: Steps between reads of the loss on a GPU, where every read is a host synchronisation.
+GPU_CHECK_FINITE_EVERY = 25
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -42,6 +46,24 @@ def validate(cfg: DictConfig) -> None:
         _one_of(cfg, "logger.mode", WANDB_MODES)
     if cfg.mode == "eval" and not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path", cfg.get("ckpt_path"), "mode=eval needs ckpt_path=PATH (a Lightning checkpoint or a state_dict file)")
+
+
+def resolve_auto(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` with the GPU fast-path settings left at ``auto``/``null`` made concrete.
+
+    On a CUDA device: ``trainer.precision`` bf16-mixed, ``module.channels_last`` and ``data.channels_last`` true,
+    ``module.check_finite_every`` 25; elsewhere 32-true, false, false and 1.
+    """
+    cfg = copy.deepcopy(cfg)
+    on_gpu = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if str(cfg.trainer.precision) == "auto":
+        cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
+    for key in ("module.channels_last", "data.channels_last"):
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, on_gpu)
+    if cfg.module.get("check_finite_every") is None:
+        cfg.module.check_finite_every = GPU_CHECK_FINITE_EVERY if on_gpu else 1
+    return cfg
 
 
 def _get(cfg: DictConfig, key: str) -> Any:

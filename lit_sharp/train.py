@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lit_sharp.config import validate
+from lit_sharp.config import resolve_auto, validate
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.module import Diverged
@@ -78,6 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         UserError: a bad config or missing data.
     """
     validate(cfg)
+    cfg = resolve_auto(cfg)
     if cfg.mode == "eval":
         from lit_sharp.evaluate import evaluate
 

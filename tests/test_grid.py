@@ -12,6 +12,7 @@ from conftest import REPO, compose_config, tiny_run_overrides
 from filelock import FileLock
 from wandb_offline import offline_runs
 
+from lit_sharp.analysis import main as analysis_main
 from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.grid import expand, main as grid_main, status
 from lit_sharp.results import read_results
@@ -66,6 +67,15 @@ def test_smoke_grid_on_the_local_launcher_then_relaunch_creates_nothing(syntheti
     assert all(len(offline_runs(d)) == 1 for d in run_dirs)
     assert all(any(k.startswith("sharpness/") for k in r["metrics"]) and "c10c/err" in r["metrics"] for r in records)
     stamps = {d: (d / "results.json").stat().st_mtime_ns for d in run_dirs}
+
+    # The grid's records feed the analysis (the tiny one-epoch models miss 1% training error: keep them all).
+    out = tmp_path / "analysis"
+    assert analysis_main([str(runs / "smoke"), "--out", str(out), "--max-train-err", "1"]) == 0
+    rows = (out / "correlations.csv").read_text().splitlines()
+    assert rows[0] == "model,measure,target,subgroup,tau,n"
+    assert any(row.startswith("resnet18,worst_linf_adaptive_ln_rho0.002,test_err,all,") for row in rows)
+    assert (out / "tables.md").is_file() and (out / "runs.csv").is_file()
+    assert (out / "fig5_resnet18_worst_linf_adaptive_ln_rho0.002.png").read_bytes()[:4] == b"\x89PNG"
 
     started = time.monotonic()
     run_cli(smoke_command(synthetic_root, runs, "hydra/launcher=local", "hydra.launcher.n_jobs=2"))
