@@ -19,6 +19,16 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child ``python train.py``: offline W&B with a service of its own.
+
+    W&B records its running service in ``WANDB_SERVICE`` and child processes inherit it; a child killed mid-run
+    would then leave its run registered in this test process's service ("run ID is in use" on relaunch).
+    """
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def compose_config(*overrides: str) -> DictConfig:
     """The config ``python train.py <overrides>`` would run."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

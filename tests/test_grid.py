@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, compose_config, tiny_run_overrides
+from conftest import REPO, compose_config, subprocess_env, tiny_run_overrides
 from filelock import FileLock
 from wandb_offline import offline_runs
 
@@ -45,7 +45,7 @@ def smoke_command(synthetic_root, runs, *launcher):
 
 def run_cli(command, timeout=600):
     # One thread per process: the launchers run several training processes at once on few cores.
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -123,7 +123,7 @@ def test_a_killed_run_resumes_on_relaunch(synthetic_root, tmp_path):
     overrides = [*tiny_run_overrides(synthetic_root, tmp_path), "trainer.max_epochs=10", "data.batch_size=64",
                  "data.augment=false", "~callbacks.sharpness", "~callbacks.corruption"]
     command = [sys.executable, "train.py", *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = subprocess_env()
     cfg = compose_config(*overrides)
     checkpoint = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
     output = (tmp_path / "first_attempt.log").open("w")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, compose_config, tiny_run_overrides
+from conftest import REPO, compose_config, subprocess_env, tiny_run_overrides
 from wandb_offline import offline_runs, read_offline_run
 
 import lit_sharp.train as train_module
@@ -89,7 +89,7 @@ def test_half_precision_refusal_says_why(synthetic_root, tmp_path):
 def test_cli_reports_user_errors_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "experiment=quickstart", f"paths.root={tmp_path}", "module.lr=-1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env(),
     )
     assert result.returncode == 2
     assert "error: config module.lr=-1" in result.stderr
@@ -100,7 +100,7 @@ def test_missing_data_is_one_clear_message(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", f"paths.root={tmp_path}", f"paths.data={tmp_path / 'no_data'}",
          "callbacks=none", "logger=none"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env(),
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
