@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_sharp.sam import SAM, frozen_bn_stats
+from timing import seconds
 
 BATCH_SIZE = 128
 SGD_HPARAMS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -61,16 +61,6 @@ def _sam_rho0_step(model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tensor)
     opt.second_step()
 
 
-def _timed(step: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def measure(quick: bool = True, device: str | None = None) -> dict[str, float]:
     """Median time of a SAM step over the median time of a plain SGD step, on the same batch.
 
@@ -102,7 +92,7 @@ def measure(quick: bool = True, device: str | None = None) -> dict[str, float]:
     for rep in range(warmup + repetitions):
         # Interleaved so that drifts in machine load hit all three alike.
         for name, step in steps.items():
-            elapsed = _timed(step, dev)
+            elapsed = seconds(step, dev)
             if rep >= warmup:
                 times[name].append(elapsed)
     plain = statistics.median(times["plain"])

@@ -15,70 +15,18 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 
+from lit_sharp.models import preact_resnet18
 from lit_sharp.sharpness import SharpnessSpec, sharpness
+from timing import seconds
 
 BATCH_SIZE = 128  # m of the paper's m-sharpness
 N_ITERS = 20
-
-
-class _PreActBlock(nn.Module):
-    """PreAct block: BN, ReLU, conv3x3, BN, ReLU, conv3x3, plus a shortcut (1x1 conv of the pre-activated input)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False) if stride != 1 or in_planes != planes else None
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
-
-
-class NarrowPreActResNet(nn.Module):
-    """A PreAct ResNet for 32x32 inputs: widths ``w, 2w, 4w, 8w``; ``w = 64`` with 2 blocks is ResNet-18."""
-
-    def __init__(self, width: int = 8, blocks_per_stage: int = 1, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
-        layers, in_planes = [], width
-        for stage, stride in enumerate((1, 2, 2, 2)):
-            planes = width * 2**stage
-            for block in range(blocks_per_stage):
-                layers.append(_PreActBlock(in_planes, planes, stride if block == 0 else 1))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.linear = nn.Linear(in_planes, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn(self.layers(self.stem(x))))  # (batch, 8w, 4, 4)
-        return self.linear(out.mean(dim=(2, 3)))
-
-
-def _seconds(function: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def _interleaved_medians(
@@ -92,7 +40,7 @@ def _interleaved_medians(
     names = list(functions)
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
-            times[name].append(_seconds(functions[name], device))
+            times[name].append(seconds(functions[name], device))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -124,7 +72,7 @@ def measure(quick: bool = True, device: str | None = None, include_released: boo
     width, blocks, n_batches, n_samples, repeats = (8, 1, 2, 20, 5) if quick else (64, 2, 8, 100, 5)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = NarrowPreActResNet(width, blocks).to(target).eval()
+    model = preact_resnet18(width=width, blocks_per_stage=blocks).to(target).eval()
     batches = [
         (torch.randn(BATCH_SIZE, 3, 32, 32, generator=generator).to(target),
          torch.randint(0, 10, (BATCH_SIZE,), generator=generator).to(target))

@@ -113,6 +113,9 @@ def _train(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[st
     name = run_dir.name
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
+    # Missing data fails here, before a W&B run exists; Lightning's own calls then find the arrays loaded.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     module = hydra.utils.instantiate(cfg.module, model=build_model(cfg.model))
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg, run_dir, name, tags=_tags(hparams, cfg))

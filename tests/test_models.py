@@ -43,6 +43,16 @@ def test_resnet18_tiny_width():
         preact_resnet18(width=0)
 
 
+def test_resnet_with_one_block_per_stage_drops_exactly_the_second_blocks():
+    shallow = preact_resnet18(width=4, blocks_per_stage=1)
+    full = preact_resnet18(width=4)
+    second_blocks = sum(n_params(full.layers[i]) for i in (1, 3, 5, 7))
+    assert n_params(full) - n_params(shallow) == second_blocks
+    assert shallow(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="blocks_per_stage"):
+        preact_resnet18(width=4, blocks_per_stage=0)
+
+
 def test_simplevit_paper_size_and_shape():
     model = simple_vit()
     assert n_params(model) == 18_928_234

@@ -42,18 +42,22 @@ class PreActResNet18(nn.Module):
         width: channels of the stem and first stage (64 in the paper: 11.17M parameters); stages use
             ``width * (1, 2, 4, 8)``. Small widths give tiny models for tests.
         in_channels: input channels.
+        blocks_per_stage: 2 for ResNet-18; 1 gives a shallower network for quick benchmarks.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3, blocks_per_stage: int = 2) -> None:
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if blocks_per_stage < 1:
+            raise ValueError(f"blocks_per_stage must be >= 1, got {blocks_per_stage}")
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         layers: list[nn.Module] = []
         in_planes = width
         for multiplier, stride in zip((1, 2, 4, 8), (1, 2, 2, 2)):
             planes = width * multiplier
-            layers += [PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1)]
+            layers += [PreActBlock(in_planes, planes, stride)]
+            layers += [PreActBlock(planes, planes, 1) for _ in range(blocks_per_stage - 1)]
             in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)
@@ -66,6 +70,6 @@ class PreActResNet18(nn.Module):
         return self.linear(out)
 
 
-def preact_resnet18(num_classes: int = 10, width: int = 64) -> PreActResNet18:
+def preact_resnet18(num_classes: int = 10, width: int = 64, blocks_per_stage: int = 2) -> PreActResNet18:
     """Build the study's ``resnet18`` (see :class:`PreActResNet18`)."""
-    return PreActResNet18(num_classes=num_classes, width=width)
+    return PreActResNet18(num_classes=num_classes, width=width, blocks_per_stage=blocks_per_stage)
