@@ -22,6 +22,7 @@ from lit_sharp.data.device_pipeline import DeviceTrainLoader
 from lit_sharp.models import preact_resnet18, simple_vit
 from lit_sharp.module import ClassifierModule
 from lit_sharp.sharpness import preset, sharpness
+from timing import seconds
 
 #: Peak dense TFLOP/s by precision for the GPUs the campaign is sized for (vendor data sheets, without sparsity).
 PEAK_TFLOPS = {"H200": {"bf16-mixed": 989.0, "32-true": 67.0}, "H100": {"bf16-mixed": 989.0, "32-true": 67.0},
@@ -32,62 +33,67 @@ EPOCHS, TRAIN_IMAGES, BATCH = 200, 50_000, 128
 MODELS = {"resnet18": preact_resnet18, "simplevit": simple_vit}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _StepTimer(pl.Callback):
+    """Time from the start of step ``warmup`` to the end of training, with the device's queue drained at both ends."""
+
     def __init__(self, warmup: int) -> None:
         self.warmup, self.times = warmup, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
-            torch.cuda.synchronize()
+            _sync(pl_module.device)
             self.times.append(time.perf_counter())
 
     def on_train_end(self, trainer, pl_module) -> None:
-        torch.cuda.synchronize()
+        _sync(pl_module.device)
         self.times.append(time.perf_counter())
 
 
 def _peak(precision: str) -> float | None:
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return next((table[precision] for key, table in PEAK_TFLOPS.items() if key in name), None)
 
 
-def train_flops_per_image(model_name: str) -> float:
+def train_flops_per_image(model_name: str, device: str = "cuda", **model_kwargs: Any) -> float:
     """Forward+backward FLOPs of one training image (one pass; SAM doubles it)."""
-    model = MODELS[model_name]().cuda()
-    x = torch.randn(BATCH, 3, 32, 32, device="cuda")
+    model = MODELS[model_name](**model_kwargs).to(device)
+    x = torch.randn(BATCH, 3, 32, 32, device=device)
     with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), torch.zeros(BATCH, dtype=torch.long, device="cuda")).backward()
+        F.cross_entropy(model(x), torch.zeros(BATCH, dtype=torch.long, device=device)).backward()
     return counter.get_total_flops() / BATCH
 
 
-def throughput(model_name: str, sam: bool, precision: str, steps: int = 200, warmup: int = 30) -> float:
+def throughput(model_name: str, sam: bool, precision: str, *, steps: int = 200, warmup: int = 30, device: str = "cuda",
+               n_images: int = TRAIN_IMAGES, **model_kwargs: Any) -> float:
     """Steady-state training images/s of the paper model (augment and mixup on) through the real training path."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (TRAIN_IMAGES, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, TRAIN_IMAGES)
-    loader = DeviceTrainLoader(images, labels, batch_size=BATCH, augment=True, seed=0, device="cuda", drop_last=True,
-                               channels_last=model_name == "resnet18")
-    module = ClassifierModule(MODELS[model_name](), lr=0.05, sam_rho=0.05 if sam else 0.0, mixup_alpha=0.5,
-                              check_finite_every=100, channels_last=model_name == "resnet18")
+    images = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n_images)
+    channels_last = model_name == "resnet18" and device == "cuda"
+    loader = DeviceTrainLoader(images, labels, batch_size=BATCH, augment=True, seed=0, device=device, drop_last=True,
+                               channels_last=channels_last)
+    module = ClassifierModule(MODELS[model_name](**model_kwargs), lr=0.05, sam_rho=0.05 if sam else 0.0,
+                              mixup_alpha=0.5, check_finite_every=100, channels_last=channels_last)
     timer = _StepTimer(warmup)
-    trainer = pl.Trainer(accelerator="cuda", devices=1, precision=precision, max_steps=warmup + steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = pl.Trainer(accelerator="cuda" if device == "cuda" else "cpu", devices=1, precision=precision,
+                         max_steps=warmup + steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)
     return steps * BATCH / (timer.times[1] - timer.times[0])
 
 
-def preset_seconds(model_name: str) -> float:
-    """Wall time of the model's 48-spec paper preset on 1,024 images (8 batches of 128)."""
-    model = MODELS[model_name]().cuda()
-    batches = [(torch.randn(BATCH, 3, 32, 32, device="cuda"), torch.randint(0, 10, (BATCH,), device="cuda"))
-               for _ in range(8)]
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for spec in preset(f"paper_{model_name}"):
-        sharpness(model, batches, spec)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+def preset_seconds(model_name: str, device: str = "cuda", n_batches: int = 8, **model_kwargs: Any) -> float:
+    """Wall time of the model's 48-spec paper preset on ``n_batches`` batches of 128 (8: the paper's 1,024 images)."""
+    model = MODELS[model_name](**model_kwargs).to(device)
+    batches = [(torch.randn(BATCH, 3, 32, 32, device=device), torch.randint(0, 10, (BATCH,), device=device))
+               for _ in range(n_batches)]
+    return seconds(lambda: [sharpness(model, batches, spec) for spec in preset(f"paper_{model_name}")],
+                   torch.device(device))
 
 
 def measure() -> dict[str, Any]:
