@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from callbacks.run_clock import RunClock
 from lit_sharp.config import resolve_auto, validate
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.gpu_slots import gpu_slot
@@ -125,14 +126,14 @@ def _train(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[st
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         # submitit requeues on preemption (USR2) and the run resumes from its checkpoint; Lightning must not requeue too.
         trainer_kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    clock = RunClock()
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[*callbacks, _checkpointing(run_dir)],
+        cfg.trainer, logger=loggers or False, callbacks=[clock, *callbacks, _checkpointing(run_dir)],
         default_root_dir=str(run_dir), **trainer_kwargs,
     )
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if last.is_file():
         log.info("resuming %s from %s", name, last)
-    started = time.monotonic()
     status, error = "completed", None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
@@ -142,12 +143,12 @@ def _train(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[st
         finish_wandb(loggers, {"run/status": "failed"}, exit_code=1)
         raise
     except Exception as exc:
-        _record(cfg, run_dir, loggers, hparams, "failed", time.monotonic() - started, {}, f"{type(exc).__name__}: {exc}")
+        _record(cfg, run_dir, loggers, hparams, "failed", clock.seconds, {}, f"{type(exc).__name__}: {exc}")
         raise
     if status == "completed" and trainer.state.status.value != "finished":
         raise RuntimeError(f"training of {name} ended in state {trainer.state.status.value}; no results written")
     metrics = collect_results(callbacks) if status == "completed" else {}
-    return _record(cfg, run_dir, loggers, hparams, status, time.monotonic() - started, metrics, error)
+    return _record(cfg, run_dir, loggers, hparams, status, clock.seconds, metrics, error)
 
 
 def _record(cfg: DictConfig, run_dir: Path, loggers: list, hparams: dict[str, Any], status: str, seconds: float,

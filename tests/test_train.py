@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -140,6 +141,22 @@ def test_interrupted_run_resumes_to_the_same_model(synthetic_root, tmp_path, mon
     momentum_b = [s["momentum_buffer"] for s in b["optimizer_states"][0]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
     assert read_results(run_dir_of(cut))["metrics"] == read_results(run_dir_of(whole))["metrics"]
+    # The checkpoints carry the run's wall time so far (see test_run_clock_adds_the_time_of_earlier_processes).
+    (clock_state,) = [v for k, v in b["callbacks"].items() if k.startswith("RunClock")]
+    assert 0 < clock_state["seconds"] <= read_results(run_dir_of(cut))["run"]["seconds"]
+
+
+def test_run_clock_adds_the_time_of_earlier_processes():
+    from callbacks.run_clock import RunClock
+
+    first = RunClock()
+    time.sleep(0.05)
+    saved = first.state_dict()
+    assert saved["seconds"] >= 0.05
+    resumed = RunClock()
+    resumed.load_state_dict({"seconds": 3600.0})
+    assert 3600.0 <= resumed.seconds < 3601.0
+    assert resumed.state_dict()["seconds"] >= 3600.0
 
 
 def test_nan_loss_ends_the_run_as_diverged(synthetic_root, tmp_path):
