@@ -8,6 +8,7 @@ resumes from it, and a failed run is trained again.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,11 +31,18 @@ from lit_sharp.config import resolve_auto, validate
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.module import Diverged
-from lit_sharp.results import make_record, read_results, run_status, write_results
+from lit_sharp.results import flatten, make_record, read_results, run_status, write_results
 from lit_sharp.tracking import build_loggers, finish_wandb
 
 log = logging.getLogger(__name__)
 
+IDENTITY_FILE = "run_config.json"
+#: Config keys that change what a run computes; two launches into one run folder must agree on them.
+IDENTITY_PREFIXES = ("model.", "module.", "data.augment", "data.batch_size", "data.synthetic", "data.clean_train_size",
+                     "data.sharpness_size", "data.sharpness_batch_size", "data.drop_last", "trainer.max_epochs",
+                     "trainer.max_steps", "trainer.precision", "seed")
+#: ... except these, which change speed only.
+SPEED_ONLY_KEYS = ("module.check_finite_every", "module.channels_last", "module.compile")
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 FINAL_STATUSES = ("completed", "diverged")
@@ -88,6 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(run_dir / ".lock"), timeout=0):
+            _claim_identity(cfg, run_dir)
             if run_status(run_dir) in FINAL_STATUSES:
                 log.info("skipping %s: already %s", run_dir, run_status(run_dir))
                 return read_results(run_dir)
@@ -96,6 +105,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Timeout:
         log.warning("skipping %s: another process is training it (its .lock is held)", run_dir)
         return {"run": {"name": run_dir.name, "status": "running"}}
+
+
+def identity_of(cfg: DictConfig) -> dict[str, Any]:
+    """The config keys that decide what a run computes (see :data:`IDENTITY_PREFIXES`), flat."""
+    flat = flatten(_plain(cfg))
+    return {key: flat[key] for key in sorted(flat)
+            if key.startswith(IDENTITY_PREFIXES) and key not in SPEED_ONLY_KEYS}
+
+
+def _claim_identity(cfg: DictConfig, run_dir: Path) -> None:
+    """Record the run's identity on first launch; refuse a later launch into the folder with another config.
+
+    The folder name carries only the grid's hyperparameters, so without this a run with, say, fewer epochs would
+    resume or skip a finished run of the full recipe.
+
+    Raises:
+        ConfigError: the folder holds a run of another configuration.
+    """
+    path = run_dir / IDENTITY_FILE
+    mine = identity_of(cfg)
+    if not path.is_file():
+        path.write_text(json.dumps(mine, indent=2, default=str))
+        return
+    theirs = json.loads(path.read_text())
+    changed = [f"{key}: {theirs.get(key)!r} -> {mine.get(key)!r}" for key in sorted(set(mine) | set(theirs))
+               if json.dumps(mine.get(key), default=str) != json.dumps(theirs.get(key), default=str)]
+    if changed:
+        raise ConfigError("name", cfg.name, f"{run_dir} holds a run of another configuration ({'; '.join(changed)}); "
+                          "choose another name=... for this variant, or delete that folder")
 
 
 @contextmanager

@@ -171,3 +171,16 @@ def test_nan_loss_ends_the_run_as_diverged(synthetic_root, tmp_path):
     assert read_offline_run(wandb_run)["summary"]["run/status"] == "diverged"
     # Deterministic divergence is final: a relaunch does not train it again.
     assert run(cfg)["run"] == on_disk["run"]
+
+
+def test_a_different_recipe_is_refused_in_a_finished_runs_folder(synthetic_root, tmp_path):
+    overrides = [*tiny_run_overrides(synthetic_root, tmp_path), *no_measurements(), "logger=none", "trainer.max_steps=2"]
+    run(compose_config(*overrides))
+    identity = json.loads((run_dir_of(compose_config(*overrides)) / "run_config.json").read_text())
+    assert identity["trainer.max_steps"] == 2 and identity["model.width"] == 4 and "paths.root" not in identity
+    with pytest.raises(ConfigError, match=r"trainer.max_steps: 2 -> 3.*another name="):
+        run(compose_config(*overrides, "trainer.max_steps=3"))
+    # Speed-only settings may change between launches.
+    assert run(compose_config(*overrides, "module.check_finite_every=5"))["run"]["status"] == "completed"
+    # A variant under another name is its own run.
+    assert run(compose_config(*overrides, "trainer.max_steps=3", "name=shorter"))["run"]["status"] == "completed"
