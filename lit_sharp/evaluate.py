@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_sharp.errors import ConfigError
 from lit_sharp.results import RESULTS_FILE, json_metrics, make_record, read_results, write_results
-from lit_sharp.tracking import build_loggers, finish_wandb, wandb_logger
+from lit_sharp.tracking import build_loggers, finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                           "Pass the model it was trained with (e.g. model=simplevit or model.width=...)") from None
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule.setup("fit")  # writes synthetic data or downloads when asked
 
     started = time.monotonic()
     metrics: dict[str, float] = {}
@@ -67,11 +66,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     seconds = time.monotonic() - started
 
     loggers = build_loggers(cfg, run_dir, run_dir.name, tags=_tags(hparams, cfg), job_type="eval")
-    logger = wandb_logger(loggers)
     for each in loggers:
         each.log_metrics(metrics)
         each.save()
-    wandb_id = finish_wandb(loggers, metrics) if logger is not None else None
+    wandb_id = finish_wandb(loggers, metrics)
     record = _merged_record(previous, run_dir.name, hparams, _plain(cfg), metrics, seconds, wandb_id)
     record["run"]["evaluated"] = {"ckpt_path": str(ckpt), "seconds": seconds}
     write_results(run_dir, record)

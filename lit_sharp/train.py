@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,8 +151,8 @@ def _train(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[st
     name = run_dir.name
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
-    # Missing data fails here, before a W&B run exists; Lightning's own calls then find the arrays loaded.
-    datamodule.prepare_data()
+    # Missing data fails here, before a W&B run exists (setup writes synthetic data or downloads when asked);
+    # Lightning's own calls then find the arrays loaded.
     datamodule.setup("fit")
     module = hydra.utils.instantiate(cfg.module, model=build_model(cfg.model))
     callbacks = build_callbacks(cfg)

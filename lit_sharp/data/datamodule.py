@@ -94,7 +94,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.synthetic:
             self._write_synthetic_once()
-        elif self.download:
+        elif self.download and self._train is None:  # setup() may have downloaded and loaded it already
             load_cifar10(self.root, train=True, download=True)
 
     def setup(self, stage: str | None = None) -> None:
