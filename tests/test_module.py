@@ -92,7 +92,7 @@ def test_paper_experiments_compose_and_start(synthetic_root, tmp_path, experimen
 def test_auto_settings_resolve_to_the_cpu_path_here_and_the_gpu_path_on_cuda(monkeypatch):
     from lit_sharp.config import resolve_auto
 
-    cfg = compose_config("experiment=paper_resnet18")
+    cfg = compose_config()
     assert (cfg.trainer.precision, cfg.module.channels_last, cfg.module.check_finite_every) == ("auto", None, None)
     cpu = resolve_auto(cfg)
     assert (cpu.trainer.precision, cpu.module.channels_last, cpu.data.channels_last, cpu.module.check_finite_every) == (
@@ -101,5 +101,12 @@ def test_auto_settings_resolve_to_the_cpu_path_here_and_the_gpu_path_on_cuda(mon
     gpu = resolve_auto(cfg)
     assert (gpu.trainer.precision, gpu.module.channels_last, gpu.data.channels_last, gpu.module.check_finite_every) == (
         "bf16-mixed", True, True, 25)
-    assert resolve_auto(compose_config("experiment=paper_resnet18", "trainer.precision=32-true")).trainer.precision == "32-true"
+    assert resolve_auto(compose_config("trainer.precision=32-true")).trainer.precision == "32-true"
     assert cfg.trainer.precision == "auto"  # the caller's config is left as it was
+
+
+@pytest.mark.parametrize("experiment", ["paper_resnet18", "paper_simplevit"])
+def test_paper_experiments_choose_bf16_explicitly_on_every_device(experiment):
+    from lit_sharp.config import resolve_auto
+
+    assert resolve_auto(compose_config(f"experiment={experiment}")).trainer.precision == "bf16-mixed"
