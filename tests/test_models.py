@@ -167,6 +167,19 @@ def test_simplevit_variant_latest_is_the_installed_vit_pytorch_network():
         simple_vit(variant="0.40")
 
 
+def test_a_bad_simplevit_variant_is_refused_before_training(tmp_path):
+    from conftest import compose_config
+
+    from lit_sharp.errors import ConfigError
+    from lit_sharp.train import run
+
+    cfg = compose_config("experiment=quickstart", "model=simplevit", "~model.width", "model.variant=0.40.2",
+                         f"paths.root={tmp_path}")
+    with pytest.raises(ConfigError, match="model.variant='0.40.2': must be one of paper, vit_pytorch_latest"):
+        run(cfg)
+    assert not (tmp_path / "quickstart").exists()
+
+
 def test_simplevit_tiny_and_bad_patch():
     model = simple_vit(dim=16, depth=1, heads=2, mlp_dim=32, dim_head=8)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
