@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lit_sharp.errors import ConfigError
+from lit_sharp.models.vit import VARIANTS as SIMPLEVIT_VARIANTS
 
 MODELS = ("resnet18", "simplevit")
 MODES = ("train", "eval")
@@ -29,6 +30,8 @@ def validate(cfg: DictConfig) -> None:
     """
     _one_of(cfg, "mode", MODES)
     _one_of(cfg, "model.name", MODELS)
+    if cfg.model.name == "simplevit":
+        _one_of(cfg, "model.variant", SIMPLEVIT_VARIANTS)
     _number(cfg, "module.lr", low=0.0, low_open=True)
     _number(cfg, "module.momentum", low=0.0, high=1.0, high_open=True)
     _number(cfg, "module.weight_decay", low=0.0)

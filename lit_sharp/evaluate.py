@@ -4,8 +4,8 @@ The paper's released code evaluates trained models at many radii after the fact;
 configured end-of-training measures (final errors, sharpness specs, CIFAR-10-C error). A checkpoint inside a run
 folder (``<run dir>/checkpoints/*.ckpt``) is rebuilt with that run's model config, and the numbers are merged into
 the run's ``results.json`` and its W&B run (resumed by id, so the new numbers land beside the old ones). Any other
-file, a Lightning checkpoint or a plain ``state_dict`` of either architecture, is rebuilt with the model of the
-config and recorded in ``<paths.root>/<name>/eval-<file name>/``.
+file, a Lightning checkpoint, a plain ``state_dict`` or a checkpoint of the paper's released code (see
+:func:`load_weights`), is rebuilt with the model of the config and recorded in ``<paths.root>/<name>/eval-<file name>/``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lit_sharp.errors import ConfigError
+from lit_sharp.models.convert import is_old_layout, old_layout_error
 from lit_sharp.results import RESULTS_FILE, json_metrics, make_record, read_results, write_results
 from lit_sharp.tracking import build_loggers, finish_wandb
 
@@ -78,22 +79,44 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model's ``state_dict`` from a Lightning checkpoint (``model.`` prefix removed) or a plain ``state_dict`` file."""
+    """The model's ``state_dict`` from any of the checkpoint files the study meets.
+
+    Accepted: a Lightning checkpoint (``state_dict`` entry, ``model.`` prefix removed), a plain ``state_dict``, and
+    the dictionaries of the paper's released code (``{"last": state_dict, "best": ...}``; like its
+    ``eval_sharpness.py``, the ``last`` weights are taken). Files are read with ``weights_only=True``: a checkpoint
+    from elsewhere can hold only tensors and plain containers, never code to run.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or holds no ``state_dict``.
+        UserError: a ResNet checkpoint of lit_sharp's earlier key layout (the message says how to convert it).
+    """
     if not path.is_file():
         raise ConfigError("ckpt_path", str(path), "no such file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - Lightning checkpoints may hold objects weights_only refuses
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint
-            raise ConfigError("ckpt_path", str(path), f"cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError("ckpt_path", str(path), "holds neither a Lightning checkpoint nor a state_dict of tensors")
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint torch can read safely
+        raise ConfigError("ckpt_path", str(path), f"cannot be read as a checkpoint with weights_only=True "
+                          f"({type(exc).__name__}: {exc})") from None
+    state = _state_dict_in(loaded)
+    if state is None:
+        raise ConfigError("ckpt_path", str(path), "holds neither a Lightning checkpoint, a state_dict of tensors, "
+                          "nor a {'last': state_dict} dictionary of the paper's code")
     if state and all(key.startswith("model.") for key in state):
         state = {key.removeprefix("model."): value for key, value in state.items()}
+    if is_old_layout(state):
+        raise old_layout_error(path)
     return dict(state)
+
+
+def _state_dict_in(loaded: Any) -> Mapping[str, torch.Tensor] | None:
+    """The tensors of a loaded checkpoint: its Lightning ``state_dict``, its ``last`` entry, or the file itself."""
+    if not isinstance(loaded, Mapping):
+        return None
+    for key in ("state_dict", "last"):
+        if isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+            break
+    return loaded if all(isinstance(value, torch.Tensor) for value in loaded.values()) else None
 
 
 def _source_run_dir(ckpt: Path) -> Path | None:
@@ -107,6 +130,9 @@ def _recorded_model_config(record: dict[str, Any]) -> DictConfig:
     flat = {key.removeprefix("model."): value for key, value in record.get("config", {}).items() if key.startswith("model.")}
     if "name" not in flat or "_target_" not in flat:
         raise ConfigError("ckpt_path", record["run"]["name"], "its results.json records no model config")
+    if flat["name"] == "simplevit":
+        # Runs recorded before model.variant existed trained the SimpleViT of the installed vit-pytorch (1.x).
+        flat.setdefault("variant", "vit_pytorch_latest")
     return OmegaConf.create(flat)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_sharp.mixup import mix_batch, mixup_lambda
+from lit_sharp.models.convert import is_old_layout, old_layout_error
 from lit_sharp.sam import SAM, frozen_bn_stats
 from lit_sharp.schedule import warmup_linear_lr
 
@@ -75,6 +76,12 @@ class ClassifierModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with one message saying how to convert it, a checkpoint of the earlier ResNet key layout."""
+        if is_old_layout(checkpoint.get("state_dict", {})):
+            path = self._trainer.ckpt_path if self._trainer is not None else None  # None outside trainer.fit
+            raise old_layout_error(path or "the checkpoint to load")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

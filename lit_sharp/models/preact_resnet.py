@@ -1,7 +1,12 @@
 """Pre-activation ResNet-18 for 32x32 inputs (He et al. 2016, "Identity Mappings in Deep Residual Networks").
 
-The CIFAR variant of protocol.md section 1: 3x3 stem without max-pool, four stages of two blocks, widths
+The CIFAR variant of docs/protocol.md section 1: 3x3 stem without max-pool, four stages of two blocks, widths
 ``w, 2w, 4w, 8w`` with strides 1/2/2/2, bias-free convolutions, and a BN-ReLU-pool-linear head.
+
+Module names, and so ``state_dict`` keys, are those of the paper's released ``models.py`` ``PreActResNet18``
+(``conv1``, ``layer1.0.bn1``, ..., ``layer2.0.shortcut.0``, ``bn``, ``linear``), so checkpoints trained with the
+authors' code load as they are. Unlike that code, the model does not normalize its input (theirs is an identity
+``Normalize`` with mean 0 and std 1, which holds no weights); normalization is done in the data pipeline.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ class PreActBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+            # A one-element Sequential, as in the released code: its key is ``shortcut.0.weight``.
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(x))
@@ -52,22 +58,28 @@ class PreActResNet18(nn.Module):
         if blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be >= 1, got {blocks_per_stage}")
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
-        layers: list[nn.Module] = []
         in_planes = width
-        for multiplier, stride in zip((1, 2, 4, 8), (1, 2, 2, 2)):
+        for stage, (multiplier, stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2)), start=1):
             planes = width * multiplier
-            layers += [PreActBlock(in_planes, planes, stride)]
-            layers += [PreActBlock(planes, planes, 1) for _ in range(blocks_per_stage - 1)]
+            blocks = [PreActBlock(in_planes, planes, stride)]
+            blocks += [PreActBlock(planes, planes, 1) for _ in range(blocks_per_stage - 1)]
+            self.add_module(f"layer{stage}", nn.Sequential(*blocks))
             in_planes = planes
-        self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)
         self.linear = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(self.conv1(x))  # (B, 8w, H/8, W/8)
+        out = self.conv1(x)
+        for stage in self.stages:
+            out = stage(out)  # after layer4: (B, 8w, H/8, W/8)
         out = torch.relu(self.bn(out))
         out = out.mean(dim=(2, 3))  # global average pool -> (B, 8w)
         return self.linear(out)
+
+    @property
+    def stages(self) -> tuple[nn.Sequential, ...]:
+        """``layer1`` to ``layer4``, in order."""
+        return self.layer1, self.layer2, self.layer3, self.layer4
 
 
 def preact_resnet18(num_classes: int = 10, width: int = 64, blocks_per_stage: int = 2) -> PreActResNet18:
