@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from callbacks._logging import log_final_metrics
+from lit_sharp.callbacks._logging import log_final_metrics
 from lit_sharp.sharpness import PRESETS, SharpnessSpec, sharpness
 
 SpecsArgument = Union[str, SharpnessSpec, Sequence[Union[str, SharpnessSpec]]]

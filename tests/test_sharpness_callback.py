@@ -1,4 +1,4 @@
-"""Tests of ``callbacks.sharpness.AdaptiveSharpness`` in a real Trainer, with LightningModules foreign to lit_sharp."""
+"""Tests of ``lit_sharp.callbacks.sharpness.AdaptiveSharpness`` in a real Trainer, with LightningModules foreign to lit_sharp."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import callbacks.sharpness as callback_module
-from callbacks.sharpness import AdaptiveSharpness
+import lit_sharp.callbacks.sharpness as callback_module
+from lit_sharp.callbacks.sharpness import AdaptiveSharpness
 from lit_sharp.sharpness import SharpnessSpec, preset, sharpness
 
 N_EXAMPLES, BATCH_SIZE = 40, 16
