@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lit_sharp.callbacks.sharpness as callback_module
-from lit_sharp.callbacks.sharpness import AdaptiveSharpness
+from lit_sharp.callbacks.sharpness import SECONDS_KEY, AdaptiveSharpness
 from lit_sharp.sharpness import SharpnessSpec, preset, sharpness
 
 N_EXAMPLES, BATCH_SIZE = 40, 16
@@ -102,7 +102,11 @@ def test_logs_what_sharpness_gives_on_the_trained_module(norm: str) -> None:
         assert first.results[f"sharpness_err_increase/{spec.name}"] == pytest.approx(expected.err_increase, abs=1e-9)
     assert set(first.results) == {f"{prefix}/{spec.name}" for prefix in ("sharpness", "sharpness_err_increase")
                                   for spec in (WORST, AVERAGE)}  # fmt: skip
-    assert logged == pytest.approx(first.results | second.results)
+    measured = {key: value for key, value in logged.items() if key.startswith(("sharpness/", "sharpness_err_increase/"))}
+    assert measured == pytest.approx(first.results | second.results)
+    for metrics, step in logger.logged:  # one call per callback, at the last step, with the epoch and the cost
+        assert step == 3 and metrics["epoch"] == module.current_epoch and metrics[SECONDS_KEY] > 0
+    assert len(logger.logged) == 2 and [len(first.history), len(second.history)] == [1, 1]
     # The second instance works on its own batches of 8 and, built from a name, runs the default 20 iterations.
     by_name = SharpnessSpec.from_name(WORST.name)
     expected = sharpness(module, _manual_batches(dataset, N_EXAMPLES, BATCH_SIZE // 2), by_name)
