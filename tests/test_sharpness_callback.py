@@ -173,11 +173,20 @@ def test_specs_accept_presets_names_and_objects() -> None:
         (dict(specs=[WORST], n_examples=0), "n_examples"),
         (dict(specs=[WORST], batch_size=0), "batch_size"),
         (dict(specs=[WORST], dataloader=5), "dataloader"),
+        (dict(specs=[WORST], every_n_epochs=0), "every_n_epochs must be an integer >= 1 or None, got 0"),
+        (dict(specs=[WORST], every_n_steps=True), "every_n_steps must be an integer >= 1 or None, got True"),
+        (dict(specs=[WORST], every_n_steps=2.0), "every_n_steps .* got 2.0"),
     ],
 )
 def test_bad_arguments_raise_in_init_naming_them(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AdaptiveSharpness(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["loss_fn", "batch_transform", "forward_fn"])
+def test_hooks_that_are_not_callable_raise_in_init_naming_them(name: str) -> None:
+    with pytest.raises(TypeError, match=f"{name} must be callable or None, got 'mse'"):
+        AdaptiveSharpness([WORST], **{name: "mse"})
 
 
 def test_n_iters_below_one_is_rejected_when_the_spec_is_built() -> None:
