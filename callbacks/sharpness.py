@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lit_sharp.callbacks._logging import log_final_metrics, log_metrics
-from lit_sharp.sharpness import PRESETS, LossFn, SharpnessSpec, sharpness
+from lit_sharp.sharpness import PRESETS, SharpnessSpec, sharpness
 
 SpecsArgument = Union[str, SharpnessSpec, Sequence[Union[str, SharpnessSpec]]]
+LossFn = Callable[[Tensor, Tensor], Tensor]
 BatchTransform = Callable[[Any], tuple[Any, Tensor]]
 ForwardFn = Callable[[nn.Module, Any], Tensor]
 
