@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from callbacks._logging import log_final_metrics
+from lit_sharp.callbacks._logging import log_final_metrics
 from lit_sharp.corruptions import PROTOCOLS, check_cifar10c, corruption_error
 
 
@@ -42,7 +42,7 @@ class CorruptionError(Callback):
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> from callbacks.corruption import CorruptionError
+        >>> from lit_sharp.callbacks.corruption import CorruptionError
         >>> corruption_error = CorruptionError("data", protocol="paper")
         >>> trainer = Trainer(callbacks=[corruption_error])
         >>> corruption_error.results

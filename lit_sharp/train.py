@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from callbacks.run_clock import RunClock
+from lit_sharp.callbacks.run_clock import RunClock
 from lit_sharp.config import resolve_auto, validate
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.gpu_slots import gpu_slot

@@ -1,4 +1,4 @@
-"""Tests for lit_sharp.corruptions and callbacks.corruption.
+"""Tests for lit_sharp.corruptions and lit_sharp.callbacks.corruption.
 
 The numbers are pinned on CIFAR-10-C folders whose answers are known: each image's pixels spell its label and
 whether a probe model should get it wrong, so every error rate is a count the test makes itself.
@@ -22,8 +22,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import callbacks.corruption
-from callbacks.corruption import CorruptionError
+import lit_sharp.callbacks.corruption
+from lit_sharp.callbacks.corruption import CorruptionError
 from lit_sharp.constants import CORRUPTIONS, EXTRA_CORRUPTIONS, NUM_CLASSES
 from lit_sharp.corruptions import CorruptionDataError, check_cifar10c, corruption_error
 from lit_sharp.data.synthetic import write_synthetic
@@ -389,5 +389,5 @@ def test_callback_validates_its_arguments(arguments: dict, error: type[Exception
 
 
 def test_callback_docstring_example_runs() -> None:
-    outcome = doctest.testmod(callbacks.corruption, verbose=False)
+    outcome = doctest.testmod(lit_sharp.callbacks.corruption, verbose=False)
     assert outcome.attempted > 0 and outcome.failed == 0

@@ -1,4 +1,4 @@
-"""Tests of ``callbacks.sharpness.AdaptiveSharpness`` in a real Trainer, with LightningModules foreign to lit_sharp."""
+"""Tests of ``lit_sharp.callbacks.sharpness.AdaptiveSharpness`` in a real Trainer, with LightningModules foreign to lit_sharp."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import callbacks.sharpness as callback_module
-from callbacks.sharpness import AdaptiveSharpness
+import lit_sharp.callbacks.sharpness as callback_module
+from lit_sharp.callbacks.sharpness import SECONDS_KEY, AdaptiveSharpness
 from lit_sharp.sharpness import SharpnessSpec, preset, sharpness
 
 N_EXAMPLES, BATCH_SIZE = 40, 16
@@ -102,7 +102,11 @@ def test_logs_what_sharpness_gives_on_the_trained_module(norm: str) -> None:
         assert first.results[f"sharpness_err_increase/{spec.name}"] == pytest.approx(expected.err_increase, abs=1e-9)
     assert set(first.results) == {f"{prefix}/{spec.name}" for prefix in ("sharpness", "sharpness_err_increase")
                                   for spec in (WORST, AVERAGE)}  # fmt: skip
-    assert logged == pytest.approx(first.results | second.results)
+    measured = {key: value for key, value in logged.items() if key.startswith(("sharpness/", "sharpness_err_increase/"))}
+    assert measured == pytest.approx(first.results | second.results)
+    for metrics, step in logger.logged:  # one call per callback, at the last step, with the epoch and the cost
+        assert step == 3 and metrics["epoch"] == module.current_epoch and metrics[SECONDS_KEY] > 0
+    assert len(logger.logged) == 2 and [len(first.history), len(second.history)] == [1, 1]
     # The second instance works on its own batches of 8 and, built from a name, runs the default 20 iterations.
     by_name = SharpnessSpec.from_name(WORST.name)
     expected = sharpness(module, _manual_batches(dataset, N_EXAMPLES, BATCH_SIZE // 2), by_name)
@@ -169,11 +173,20 @@ def test_specs_accept_presets_names_and_objects() -> None:
         (dict(specs=[WORST], n_examples=0), "n_examples"),
         (dict(specs=[WORST], batch_size=0), "batch_size"),
         (dict(specs=[WORST], dataloader=5), "dataloader"),
+        (dict(specs=[WORST], every_n_epochs=0), "every_n_epochs must be an integer >= 1 or None, got 0"),
+        (dict(specs=[WORST], every_n_steps=True), "every_n_steps must be an integer >= 1 or None, got True"),
+        (dict(specs=[WORST], every_n_steps=2.0), "every_n_steps .* got 2.0"),
     ],
 )
 def test_bad_arguments_raise_in_init_naming_them(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AdaptiveSharpness(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["loss_fn", "batch_transform", "forward_fn"])
+def test_hooks_that_are_not_callable_raise_in_init_naming_them(name: str) -> None:
+    with pytest.raises(TypeError, match=f"{name} must be callable or None, got 'mse'"):
+        AdaptiveSharpness([WORST], **{name: "mse"})
 
 
 def test_n_iters_below_one_is_rejected_when_the_spec_is_built() -> None:

@@ -147,7 +147,7 @@ def test_interrupted_run_resumes_to_the_same_model(synthetic_root, tmp_path, mon
 
 
 def test_run_clock_adds_the_time_of_earlier_processes():
-    from callbacks.run_clock import RunClock
+    from lit_sharp.callbacks.run_clock import RunClock
 
     first = RunClock()
     time.sleep(0.05)
