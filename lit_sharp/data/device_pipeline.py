@@ -357,10 +357,11 @@ class BatchRandAugment:
         border = torch.ones(height, width, dtype=torch.bool)
         border[1:-1, 1:-1] = False
         self._border = border.view(1, 1, pixels).to(dev)
-        self._smooth_weight = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).view(1, 1, 3, 3).to(dev)
+        self._smooth_weight = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).expand(3, 1, 3, 3) \
+            .contiguous().to(dev)
         # 6.5, not 6: floor((S + 6.5) / 13) = round(S / 13) exactly, and stays so under any small error of the
         # convolution's algorithm (S / 13 is never within 1/26 of a half).
-        self._smooth_bias = torch.tensor([6.5], device=dev)
+        self._smooth_bias = torch.full((3,), 6.5, device=dev)
         self._autocontrast = _autocontrast_table(policy, dev)
         self._grey = _grey_table(policy, dev)
         mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1)
@@ -531,8 +532,8 @@ class BatchRandAugment:
         batch = x.shape[0]
         grey = self._grey.take((x * self._grey_weights).sum(1, keepdim=True))  # (B, 1, HW)
         values = x.float()
-        blurred = nnf.conv2d(values.view(batch * 3, 1, self.height, self.width), self._smooth_weight,
-                             self._smooth_bias, padding=1)
+        blurred = nnf.conv2d(values.view(batch, 3, self.height, self.width), self._smooth_weight, self._smooth_bias,
+                             padding=1, groups=3)
         smooth = torch.where(self._border, values, blurred.view(batch, 3, self.pixels).floor_divide_(13.0))
         if self.policy == "paper":
             # ImageStat's mean of the L image rounded as int(mean + 0.5); PIL's blend in float32, truncated.
