@@ -1,43 +1,55 @@
-"""The paper's training stream resident on the accelerator: shuffling, RandAugment, crop and flip as batched tensor ops.
+"""The paper's training stream resident on the accelerator: shuffling, RandAugment, crop, flip and normalisation as a
+fixed, short sequence of batched tensor ops.
 
 The whole uint8 training set lives on the device (CIFAR-10: 150 MB) and every batch is sliced, augmented and
 normalized there, with no worker processes and no host synchronisation: every random draw is a tensor op on a device
 generator, and nothing reads a device value back to the host. The augmentation is that of
-:mod:`lit_sharp.data.augment` (torchvision's ``RandAugment(num_ops=2, magnitude=14)``, then a 32x32 crop of the image
-padded by 4 pixels, then a horizontal flip) in distribution, not draw for draw: each image draws its own ops, signs,
-offsets and flip, but from a device stream seeded by ``(seed, epoch)`` instead of the CPU path's per-image seeds.
-The ops are torchvision's tensor kernels, not its PIL ones; the two differ by 1 grey level in some pixels for Color,
-Contrast and Sharpness, and in a few pixels along edges for Rotate.
+:mod:`lit_sharp.data.augment` (RandAugment with 2 ops at magnitude 14, ``paper`` or ``torchvision`` policy, then a
+32x32 crop of the image padded by 4 pixels, then a horizontal flip) in distribution, not draw for draw: each image
+draws its own ops, signs, cutout corner, offsets and flip, but from a device stream seeded by ``(seed, epoch)``
+instead of the CPU path's per-image seeds. Every op equals its CPU counterpart bit for bit: the ``paper`` policy the
+PIL ops of :data:`lit_sharp.data.augment.PAPER_OPS`, the ``torchvision`` policy torchvision's tensor ops (which differ
+from torchvision's PIL ops, the CPU path's, by 1 grey level in some pixels for Color, Contrast and Sharpness, and in a
+few pixels along edges for Rotate).
 
-How RandAugment is batched. Per image and op slot, the op is drawn uniformly among torchvision's 14 and the sign of a
-signed op with probability 1/2, at torchvision's magnitude for the bin (``RandAugment._augmentation_space``). Then:
+How a batch is augmented in a fixed number of ops (:class:`BatchRandAugment`; 109 ATen ops for a 128-image batch
+with ``paper``, 107 with ``torchvision``, however many ops the policy has and whatever was drawn):
 
-- The five geometric ops (ShearX/Y, TranslateX/Y, Rotate; nearest interpolation, fill 0) have one fixed parameter per
-  (op, sign), so each is a fixed pixel permutation with holes. The permutation is computed once by running
-  torchvision's own ``affine``/``rotate`` on an image whose pixels hold their own index, and applied to every image
-  with one ``gather`` that picks each image's (op, sign) map. This is exact (nearest sampling copies source pixels)
-  and avoids torchvision's tensor ``affine``, which copies its matrix from the host to the device on every call
-  (``torch.tensor(matrix, device=...)``: a blocking copy).
-- The twelve photometric variants (eight ops, four of them signed) are cheap on 32x32 images, so each is applied to
-  the whole batch and selected per image with ``torch.where``: about 12x the arithmetic of applying each op only to
-  the images that drew it, but no grouping by boolean index, which needs ``nonzero`` and so a host sync per group
-  (46 per batch); the number of kernel launches is about the same either way. torchvision's functional ops are used
-  as they are except two whose tensor kernels synchronise: ``adjust_sharpness`` (its blur kernel is built with an
-  element assignment, a blocking copy) is restated here with a cached kernel and the same arithmetic, and
-  ``equalize`` is torchvision's batched v2 kernel (the v1 kernel loops over images and reads each histogram's step
-  back to the host).
+- All draws at once: one uniform tensor gives every image's op, sign and cutout corner for both op slots (the corner
+  as the released code's ``int(max(0, c - size / 2))``, ``c`` uniform on ``(1, W]``), one ``randint`` its crop.
+- Every op is one of three kinds, and every image goes through all three in each slot, the ops it did not draw
+  acting as identities (so a slot is the same op sequence for every image, and op 1 is applied before op 2):
 
-The tests check every (op, sign) against torchvision's ``RandAugment`` op, image by image, bit for bit.
+  1. A pixel map (one ``gather``). Geometric ops at a fixed magnitude have one map per (op, sign), computed once
+     by running the op's own implementation (PIL's, or torchvision's tensor kernel) on an image whose pixels hold
+     their index: exact, as nearest sampling copies source pixels. The cutout is a map too, one per corner, into an
+     extra source pixel of the cutout colour (black for the geometric fill). Each image gathers its slot's map;
+     other ops gather the identity.
+  2. A lookup table per image and channel (one ``gather`` on a concatenation of all tables, each image offset to its
+     own): the fixed tables (Invert, Posterize, Solarize, SolarizeAdd), AutoContrast (tabulated once for every
+     (min, max) pair: 16 MB of uint8) and Equalize (PIL's formula on per-image histograms from one ``scatter_add``).
+  3. A blend ``deg + f (x - deg)`` (PIL) or ``f x + (1 - f) deg`` (torchvision) with a per-image factor (1 for
+     images that drew no enhance op): ``deg`` is 0 (Brightness), the mean grey (Contrast), the grey image (Color;
+     a 16 MB table of the grey of every 24-bit colour, with the library's own rounding) or the smoothed image
+     (Sharpness; PIL's 3x3 filter, border kept).
+- Crop and flip are one more map per (top, left, flip) triple; normalisation is a 256-entry table per channel,
+  applied before the crop (the padding takes the normalised black).
+
+Exactness is by construction: every value is computed with the same integer or IEEE float arithmetic as the library
+(tables are filled by the library's formula). The smoothing convolution sums integers below 2^24 (exact in float32,
+and under TF32, whose 10-bit mantissa holds 8-bit pixels and the weights 1 and 5) and rounds with a margin of 1/26
+from any tie. The tests hold every op of both policies equal to PIL or torchvision image by image, and count the ops
+dispatched.
 
 NVIDIA DALI (``nvidia-dali-cuda130``) was evaluated and not taken. Its ``nvidia.dali.auto_aug.rand_augment`` draws
-ops per sample on the GPU, but its suite is its own, not torchvision's: translation up to 100/224 of the image
-instead of 150/331 and as a real-valued shift (torchvision truncates to whole pixels), solarize thresholds on
-``linspace(256, 0)`` instead of ``linspace(255, 0)``, equalize following OpenCV's formula rather than PIL's, sharpness
-filtering the 1-pixel border that PIL and torchvision leave as is, and by default fill 128 with linear interpolation.
-It runs only inside a DALI pipeline (``@pipeline_def(enable_conditionals=True)``, HWC images, its own iterator, and
-random state that is the pipeline's, advanced batch by batch, rather than derived from ``(seed, epoch)`` as this
-project's resumable runs need), and only on GPU-resident samples, so it cannot be tested against torchvision on the
-CPU. With the op sets differing, speed was not the deciding question and was not measured.
+ops per sample on the GPU, but its suite is its own, neither the released code's nor torchvision's: translation up to
+100/224 of the image instead of 150/331 and as a real-valued shift (torchvision truncates to whole pixels), solarize
+thresholds on ``linspace(256, 0)`` instead of ``linspace(255, 0)``, equalize following OpenCV's formula rather than
+PIL's, sharpness filtering the 1-pixel border that PIL and torchvision leave as is, and by default fill 128 with linear
+interpolation. It runs only inside a DALI pipeline (``@pipeline_def(enable_conditionals=True)``, HWC images, its own
+iterator, and random state that is the pipeline's, advanced batch by batch, rather than derived from
+``(seed, epoch)`` as this project's resumable runs need), and only on GPU-resident samples, so it cannot be tested
+against PIL on the CPU. With the op sets differing, speed was not the deciding question and was not measured.
 """
 
 from __future__ import annotations
