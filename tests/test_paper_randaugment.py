@@ -230,6 +230,19 @@ def test_the_loader_trains_on_the_chosen_policy():
         DeviceTrainLoader(images, np.arange(40), batch_size=16, augment=True, seed=4, device="cpu", randaugment="x")
 
 
+def test_the_datamodule_hands_the_policy_to_both_pipelines(synthetic_root):
+    from lit_sharp.data import CIFAR10DataModule
+
+    for policy in ("paper", "torchvision"):
+        device = CIFAR10DataModule(synthetic_root, augment=True, randaugment=policy, pipeline="device")
+        assert device.train_dataloader().augmentation.policy == policy
+        workers = CIFAR10DataModule(synthetic_root, augment=True, randaugment=policy, pipeline="workers")
+        first = workers.train_dataloader().dataset.transform.transforms[0]
+        assert isinstance(first, PaperRandAugment) == (policy == "paper")
+    with pytest.raises(ValueError, match="randaugment"):
+        CIFAR10DataModule(synthetic_root, randaugment="torchvision-v2")
+
+
 def test_the_cpu_path_uses_the_chosen_policy():
     images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
     assert isinstance(AugmentedImages(images, np.arange(2), augment=True, seed=0).transform.transforms[0],
