@@ -43,7 +43,7 @@ def one_thread():
 
 
 def noise_images(batch: int, height: int = 32, width: int = 32, seed: int = 0, low: int = 0, high: int = 256):
-    """uint8 (B, 3, H, W) noise plus the cases where ops branch: a constant image, a 3-value one, a saturated channel."""
+    """uint8 (B, 3, H, W) noise plus the cases where ops branch: a constant image, a 3-value one, a full channel."""
     images = torch.randint(low, high, (batch, 3, height, width), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(seed))
     images[0] = 7
@@ -212,7 +212,8 @@ def test_two_slots_equal_the_pil_ops_applied_in_the_drawn_order(policy):
         for i in range(96):
             image = to_pil(images[i])
             for s in range(2):
-                image = pil_op(image, PAPER_OP_NAMES[op[s, i]], bool(sign[s, i]), corner=(int(row[s, i]), int(col[s, i])))
+                corner = (int(row[s, i]), int(col[s, i]))
+                image = pil_op(image, PAPER_OP_NAMES[op[s, i]], bool(sign[s, i]), corner=corner)
             assert torch.equal(out[i], from_pil(image)), i
     else:
         once = apply_ops(images, op[0].clone(), sign[0].bool(), policy="torchvision")

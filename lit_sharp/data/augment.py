@@ -158,7 +158,7 @@ class PaperRandAugment:
 
 
 def paper_augmentation(num_ops: int = 2, magnitude: int = 14, randaugment: str = "paper") -> transforms.Compose:
-    """RandAugment (``paper`` or ``torchvision``), then crop 32 with padding 4, then horizontal flip (PIL in and out)."""
+    """RandAugment (``paper`` or ``torchvision``), then crop 32 padded by 4, then horizontal flip (PIL in and out)."""
     if randaugment not in RANDAUGMENTS:
         raise ValueError(f"randaugment must be one of {RANDAUGMENTS}, got {randaugment!r}")
     policy = PaperRandAugment(num_ops, magnitude) if randaugment == "paper" \

@@ -378,7 +378,8 @@ class BatchRandAugment:
         self._grey = _grey_table(policy, dev)
         mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1)
         # The CPU path's normalisation (augment.to_normalized_tensor) of every value: equal bit for bit.
-        normalized = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(1, 3, 256).float().div_(255.0).sub_(mean).div_(std)
+        values = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(1, 3, 256)
+        normalized = values.float().div_(255.0).sub_(mean).div_(std)
         self._normalized = normalized.to(dev)
         self._normalized_fill = normalized[..., :1].expand(1, 3, 2).contiguous().to(dev)
         self._zero = torch.zeros((), dtype=torch.int64, device=dev)
@@ -663,7 +664,8 @@ def rand_augment(
     """RandAugment (``paper`` or ``torchvision``) on a batch, every image with its own draws.
 
     RandAugment (Cubuk et al. 2020): ``num_ops`` times, each image draws one of the policy's ops uniformly and, for a
-    signed op, a sign with probability 1/2, and the op is applied at the fixed magnitude (:meth:`BatchRandAugment.draw`).
+    signed op, a sign with probability 1/2, and the op is applied at the fixed magnitude
+    (:meth:`BatchRandAugment.draw`).
 
     Args:
         images: uint8 ``(B, 3, H, W)``.
@@ -841,7 +843,8 @@ class DeviceTrainLoader:
     ``augment``, RandAugment (``randaugment`` policy, 2 ops, magnitude 14), then crop and flip (padding 4), the
     paper's order, then normalisation, all in one :class:`BatchRandAugment` pass whose draws come from one device
     generator seeded by ``derived_seed(AUGMENT_STREAM, seed, epoch)``; equal to :func:`rand_augment`, then
-    :func:`random_crop_flip`, then :func:`normalize` with that generator; without ``augment``, :func:`normalize`. The same ``(seed, epoch)`` gives the same batches. Lightning accepts it as a train dataloader
+    :func:`random_crop_flip`, then :func:`normalize` with that generator; without ``augment``, :func:`normalize`.
+    The same ``(seed, epoch)`` gives the same batches. Lightning accepts it as a train dataloader
     (any iterable with ``__len__``) and calls ``sampler.set_epoch`` every epoch.
 
     Args:
