@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lit_sharp.data.augment import RANDAUGMENTS
+from lit_sharp.constants import RANDAUGMENTS
 from lit_sharp.errors import ConfigError
 
 MODELS = ("resnet18", "simplevit")

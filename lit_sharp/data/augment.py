@@ -17,11 +17,10 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torchvision import transforms
 
-from lit_sharp.constants import CIFAR10_MEAN, CIFAR10_STD
+from lit_sharp.constants import CIFAR10_MEAN, CIFAR10_STD, RANDAUGMENTS
 from lit_sharp.seeding import AUGMENT_STREAM, SHUFFLE_STREAM, derived_seed
 
 
-RANDAUGMENTS = ("paper", "torchvision")
 #: The fill of the released code's cutout square (RGB).
 CUTOUT_FILL = (125, 123, 114)
 #: Magnitudes are on the released code's scale: an op's value is ``magnitude / MAX_MAGNITUDE * (max - min) + min``.
