@@ -1,7 +1,8 @@
 """Benchmarks of lit_sharp, each a ratio against a baseline measured side by side in this process.
 
 ``python bench/run.py --quick`` (CPU, a few minutes) prints a table and then the line
-``ratios: lightning_overhead=X dataloader_img_s_per_worker=Y sam_step=Z sharpness_vs_floor=W``.
+``ratios: lightning_overhead=X dataloader_img_s_per_worker=Y sam_step=Z sharpness_vs_floor=W device_aug_ops=N``
+(N: ATen ops per 128-image batch of the device augmentation, ``bench_augment.py``).
 Without ``--quick`` (needs a GPU) it also measures the campaign figures of ``bench_gpu.py``. Both write
 ``bench/results/<date>-<device>.json`` with the machine, versions and command.
 """
@@ -20,11 +21,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_augment  # noqa: E402
 import bench_sam  # noqa: E402
 import bench_sharpness  # noqa: E402
 import bench_training  # noqa: E402
 
-TARGETS = {"lightning_overhead": 1.05, "sam_step": 2.1, "sharpness_vs_floor": 1.10}
+TARGETS = {"lightning_overhead": 1.05, "sam_step": 2.1, "sharpness_vs_floor": 1.10, "device_aug_ops": 120}
 
 
 def _machine() -> dict[str, str]:
@@ -46,6 +48,7 @@ def cpu_ratios(quick: bool) -> dict[str, float]:
         "sam_rho0_step": sam["sam_rho0_step"],
         "sharpness_vs_floor": float(sharp["sharpness_vs_floor"]),
         "average_vs_floor": float(sharp["average_vs_floor"]),
+        "device_aug_ops": bench_augment.measure()["device_aug_ops"],
     }
 
 
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"written {args.out / name}")
     if ratios:
         keys = ("lightning_overhead", "dataloader_img_s_per_worker", "sam_step", "sharpness_vs_floor")
-        print("ratios: " + " ".join(f"{key}={ratios[key]:.3f}" for key in keys))
+        print("ratios: " + " ".join(f"{key}={ratios[key]:.3f}" for key in keys)
+              + f" device_aug_ops={ratios['device_aug_ops']}")
     return 0
 
 

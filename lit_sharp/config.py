@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lit_sharp.constants import RANDAUGMENTS
 from lit_sharp.errors import ConfigError
 from lit_sharp.models.vit import VARIANTS as SIMPLEVIT_VARIANTS
 
@@ -38,6 +39,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "module.warmup_fraction", low=0.0, high=1.0)
     _number(cfg, "module.sam_rho", low=0.0)
     _number(cfg, "module.mixup_alpha", low=0.0)
+    _one_of(cfg, "data.randaugment", RANDAUGMENTS)
     _number(cfg, "data.batch_size", low=1)
     _number(cfg, "data.num_workers", low=0)
     _number(cfg, "seed", low=0)

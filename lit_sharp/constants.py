@@ -6,6 +6,9 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 NUM_CLASSES = 10
 
+#: The RandAugment policies of ``data.randaugment``: the paper's released code's, or torchvision's.
+RANDAUGMENTS = ("paper", "torchvision")
+
 #: The 15 corruptions whose mean is the standard CIFAR-10-C error (Hendrycks and Dietterich 2019).
 CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise",

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "run_config.json"
 #: Config keys that change what a run computes; two launches into one run folder must agree on them.
-IDENTITY_PREFIXES = ("model.", "module.", "data.augment", "data.batch_size", "data.synthetic", "data.clean_train_size",
+IDENTITY_PREFIXES = ("model.", "module.", "data.augment", "data.randaugment", "data.batch_size", "data.synthetic", "data.clean_train_size",
                      "data.sharpness_size", "data.sharpness_batch_size", "data.drop_last", "trainer.max_epochs",
                      "trainer.max_steps", "trainer.precision", "seed")
 #: ... except these, which change speed only.

@@ -143,7 +143,7 @@ def test_magnitudes_are_torchvisions(bins, magnitude, size):
 def test_each_op_and_sign_equals_torchvisions_op_image_by_image(op_name, negate):
     images = images_with_edge_cases(24)
     ops = torch.full((24,), OP_NAMES.index(op_name))
-    out = apply_ops(images, ops, torch.full((24,), negate))
+    out = apply_ops(images, ops, torch.full((24,), negate), policy="torchvision")
     expected = torchvision_op(images, op_name, signed_magnitude(op_name, negate, 14, 31, (32, 32)))
     assert torch.equal(out, expected)
 
@@ -154,7 +154,7 @@ def test_mixed_assignment_on_non_square_images_equals_torchvision_per_image():
     generator = torch.Generator().manual_seed(3)
     ops = torch.arange(56) % len(OP_NAMES)
     negate = torch.randint(2, (56,), generator=generator).bool()
-    out = apply_ops(images, ops, negate, magnitude=27, num_magnitude_bins=31)
+    out = apply_ops(images, ops, negate, policy="torchvision", magnitude=27, num_magnitude_bins=31)
     for i in range(56):
         name = OP_NAMES[int(ops[i])]
         expected = _apply_op(images[i], name, signed_magnitude(name, bool(negate[i]), 27, 31, (24, 40)),
@@ -167,7 +167,7 @@ def test_rand_augment_draws_ops_uniformly_and_signs_with_probability_one_half():
     # different image, so exactly one variant matches.
     batch = 1400
     images = random_images(batch, low=20, high=236)
-    out = rand_augment(images, torch.Generator().manual_seed(0), num_ops=1)
+    out = rand_augment(images, torch.Generator().manual_seed(0), num_ops=1, policy="torchvision")
     variants = [(name, negate) for name in OP_NAMES for negate in ((False, True) if name in SIGNED_OPS else (False,))]
     outputs = [torchvision_op_batched(images, name, signed_magnitude(name, negate, 14, 31, (32, 32)))
                for name, negate in variants]

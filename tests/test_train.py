@@ -68,6 +68,7 @@ def test_csv_logger_is_the_no_wandb_alternative(synthetic_root, tmp_path):
         ("trainer.precision=16-mixed", "trainer.precision"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
         ("data.batch_size=0", "data.batch_size"),
+        ("data.randaugment=autoaugment", "data.randaugment"),
         ("logger.mode=sometimes", "logger.mode"),
         ("name=a/b", "name"),
     ],
@@ -178,6 +179,7 @@ def test_a_different_recipe_is_refused_in_a_finished_runs_folder(synthetic_root,
     run(compose_config(*overrides))
     identity = json.loads((run_dir_of(compose_config(*overrides)) / "run_config.json").read_text())
     assert identity["trainer.max_steps"] == 2 and identity["model.width"] == 4 and "paths.root" not in identity
+    assert identity["data.randaugment"] == "paper"  # which RandAugment is part of the recipe
     with pytest.raises(ConfigError, match=r"trainer.max_steps: 2 -> 3.*another name="):
         run(compose_config(*overrides, "trainer.max_steps=3"))
     # Speed-only settings may change between launches.

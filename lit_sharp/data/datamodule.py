@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_sharp.data.augment import AugmentedImages, EpochSampler, to_normalized_tensor
+from lit_sharp.data.augment import RANDAUGMENTS, AugmentedImages, EpochSampler, to_normalized_tensor
 from lit_sharp.data.device_pipeline import DeviceTrainLoader
 from lit_sharp.data.reading import load_cifar10
 from lit_sharp.data.synthetic import ensure_synthetic, is_synthetic
@@ -30,6 +30,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         download: fetch CIFAR-10 into ``root`` if it is missing (needs internet).
         synthetic: write (on first use) and read the small synthetic data set of :mod:`lit_sharp.data.synthetic` in ``root``.
         augment: RandAugment(2, 14), crop 32 with padding 4 and horizontal flip on training images.
+        randaugment: which RandAugment: ``paper`` (the released code's 16-op policy, default) or ``torchvision``.
         batch_size: training batch size.
         eval_batch_size: batch size of the clean-train and test loaders.
         num_workers: DataLoader worker processes for the training loader.
@@ -53,6 +54,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         download: bool = False,
         synthetic: bool = False,
         augment: bool = False,
+        randaugment: str = "paper",
         batch_size: int = 128,
         eval_batch_size: int = 500,
         num_workers: int = 0,
@@ -67,6 +69,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         super().__init__()
         if pipeline not in self.PIPELINES:
             raise ValueError(f"pipeline must be one of {self.PIPELINES}, got {pipeline!r}")
+        if randaugment not in RANDAUGMENTS:
+            raise ValueError(f"randaugment must be one of {RANDAUGMENTS}, got {randaugment!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                             ("clean_train_size", clean_train_size), ("sharpness_size", sharpness_size),
                             ("sharpness_batch_size", sharpness_batch_size)):
@@ -78,6 +82,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.download = download
         self.synthetic = synthetic
         self.augment = augment
+        self.randaugment = randaugment
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -129,8 +134,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         device = self._training_device()
         if self.pipeline == "device" or (self.pipeline == "auto" and device.type == "cuda"):
             return DeviceTrainLoader(images, labels, batch_size=self.batch_size, augment=self.augment, seed=self.seed,
-                                     device=device, drop_last=self.drop_last, channels_last=self.channels_last)
-        dataset = AugmentedImages(images, labels, augment=self.augment, seed=self.seed)
+                                     device=device, drop_last=self.drop_last, channels_last=self.channels_last,
+                                     randaugment=self.randaugment)
+        dataset = AugmentedImages(images, labels, augment=self.augment, seed=self.seed, randaugment=self.randaugment)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
