@@ -27,11 +27,11 @@ from torch import nn
 
 from callbacks.run_clock import RunClock
 from lit_sharp.config import resolve_auto, validate
+from lit_sharp.console import quiet_library_noise, run_summary
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.module import Diverged
 from lit_sharp.results import flatten, make_record, read_results, run_status, write_results
-from lit_sharp.console import quiet_library_noise, run_summary
 from lit_sharp.tracking import build_loggers, finish_wandb, wandb_location
 
 log = logging.getLogger(__name__)
