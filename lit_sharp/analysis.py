@@ -9,16 +9,17 @@ over the ``results.json`` records of a grid, and adds the granulated Kendall coe
 Run it as::
 
     python -m lit_sharp.analysis runs/<grid> --out runs/<grid>/analysis [--max-train-err 0.01] \
-        [--measure NAME ...] [--wandb [--wandb-mode offline|online]]
+        [--measure NAME ...] [--bootstrap N] [--wandb [--wandb-mode offline|online]]
 
 It writes into ``--out``:
 
-- ``correlations.csv``: columns ``model, measure, target, subgroup, tau, n``. ``measure`` is the metric name without
+- ``correlations.csv``: columns ``model, measure, target, subgroup, tau, n, ci_low, ci_high``. ``measure`` is the metric name without
   the ``sharpness/`` prefix; ``target`` is ``test_err`` (``final/test_err``) or ``c10c_err`` (``c10c/err``);
   ``subgroup`` is ``all``, ``augment=<true|false>,mixup=<true|false>`` (mixup on when ``mixup_alpha > 0``),
   ``granulated:<axis>`` for the axes ``lr``, ``sam_rho``, ``mixup``, ``augment``, or ``granulated:mean``.
   ``tau`` is empty where it is undefined (fewer than 3 runs, or a constant column); ``n`` is the number of runs
-  that entered the coefficient.
+  that entered the coefficient; ``ci_low, ci_high`` its 95% percentile bootstrap interval (models resampled with
+  replacement, ``--bootstrap`` resamples, seeded), on the ``all`` and subgroup rows where tau is defined.
 - ``tables.md``: per architecture, the layout of the paper's Tables 3 and 4, then the per-subgroup and granulated taus.
 - ``runs.csv``: one row per completed run, kept or dropped, with its hyperparameters and metrics.
 - ``fig5_<model>_<measure>.png`` (sharpness vs test error and vs CIFAR-10-C error) and ``fig6_<model>_<measure>.png``
@@ -35,6 +36,7 @@ import os
 import re
 import statistics
 import sys
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 from scipy.stats import kendalltau
 
@@ -57,8 +60,11 @@ TEST_ERR = "final/test_err"
 C10C_ERR = "c10c/err"
 #: Target name in ``correlations.csv`` -> metric key in ``results.json``.
 TARGETS = {"test_err": TEST_ERR, "c10c_err": C10C_ERR}
-CSV_COLUMNS = ("model", "measure", "target", "subgroup", "tau", "n")
+CSV_COLUMNS = ("model", "measure", "target", "subgroup", "tau", "n", "ci_low", "ci_high")
 DEFAULT_MAX_TRAIN_ERR = 0.01
+#: Bootstrap resamples behind each confidence interval, and the interval's coverage.
+DEFAULT_BOOTSTRAP = 1000
+CI_LEVEL = 0.95
 
 #: The measures of the paper's Figure 5, per architecture (protocol.md section 5).
 HEADLINE_MEASURES = {
@@ -257,6 +263,73 @@ def paired_values(records: Iterable[Record], x_key: str, y_key: str) -> tuple[li
     return xs, ys
 
 
+def bootstrap_weights(n: int, resamples: int, seed: int | Sequence[int]) -> np.ndarray:
+    """How often each of ``n`` models is drawn in each of ``resamples`` bootstrap samples (with replacement).
+
+    Returns:
+        int64 ``(resamples, n)``, each row summing to ``n``.
+    """
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+
+
+def bootstrap_taus(x: Sequence[float], y: Sequence[float], weights: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of every bootstrap sample described by ``weights``, all at once.
+
+    A sample that draws model ``k`` ``w_k`` times has, over its ordered pairs, ``sum_kl w_k w_l S_kl`` for any
+    pairwise quantity ``S`` that is 0 on the diagonal (a model paired with a copy of itself is tied in both
+    variables). With ``X_kl = sign(x_k - x_l)`` and ``Y_kl = sign(y_k - y_l)``, tau-b of the sample is
+    ``w^T (X * Y) w / sqrt(w^T |X| w * w^T |Y| w)``: the same number as :func:`kendall_tau` of the resampled lists,
+    for ``(resamples, n) @ (n, n)`` products instead of a loop over samples.
+
+    Args:
+        x: one value per model.
+        y: one value per model, as long as ``x``.
+        weights: ``(resamples, n)`` draw counts, e.g. from :func:`bootstrap_weights`.
+
+    Returns:
+        float64 ``(resamples,)``; NaN where a sample is constant in ``x`` or ``y`` (tau-b undefined).
+    """
+    x_arr, y_arr = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    sign_x = np.sign(x_arr[:, None] - x_arr[None, :])  # (n, n)
+    sign_y = np.sign(y_arr[:, None] - y_arr[None, :])
+    w = np.asarray(weights, dtype=np.float64)  # (resamples, n)
+
+    def quadratic(matrix: np.ndarray) -> np.ndarray:
+        return np.einsum("bk,bk->b", w @ matrix, w)
+
+    denominator = np.sqrt(quadratic(np.abs(sign_x)) * quadratic(np.abs(sign_y)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, quadratic(sign_x * sign_y) / denominator, np.nan)
+
+
+def bootstrap_ci(
+    x: Sequence[float], y: Sequence[float], *, resamples: int = DEFAULT_BOOTSTRAP, seed: int | Sequence[int] = 0,
+    level: float = CI_LEVEL,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap confidence interval of Kendall's tau, resampling models with replacement (Efron 1979).
+
+    Args:
+        x: one value per model.
+        y: one value per model.
+        resamples: bootstrap samples; 0 turns the interval off.
+        seed: seeds the resampling, so the same data give the same interval.
+        level: coverage of the interval.
+
+    Returns:
+        ``(low, high)``, the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the samples' taus (samples
+        where tau is undefined left out), or None where :func:`kendall_tau` is undefined, with ``resamples=0``,
+        or when fewer than half the samples have a tau.
+    """
+    if resamples <= 0 or kendall_tau(x, y) is None:
+        return None
+    taus = bootstrap_taus(x, y, bootstrap_weights(len(x), resamples, seed))
+    taus = taus[~np.isnan(taus)]
+    if len(taus) < resamples / 2:
+        return None
+    low, high = np.quantile(taus, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def granulated_tau(
     records: Sequence[Record],
     x_key: str,
@@ -317,20 +390,28 @@ def _axis_taus(
     return taus, used
 
 
-def correlations(records: Iterable[Record], max_train_err: float = DEFAULT_MAX_TRAIN_ERR) -> list[dict[str, Any]]:
+def correlations(
+    records: Iterable[Record], max_train_err: float = DEFAULT_MAX_TRAIN_ERR, *, bootstrap: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Kendall's tau of every sharpness measure against test and CIFAR-10-C error, per architecture.
 
     Only completed runs with ``final/train_err <= max_train_err`` enter. Per model, measure and target there is one
     row over all kept runs (``subgroup="all"``), one per ``augment x mixup`` subgroup present among the model's
     completed runs, one per granulated axis (``granulated:<axis>``) and their mean (``granulated:mean``); see
-    :func:`granulated_tau`.
+    :func:`granulated_tau`. The ``all`` and subgroup rows carry a 95% percentile bootstrap interval
+    (:func:`bootstrap_ci`), seeded per row from ``seed`` and the row's names, so a row's interval does not depend on
+    which other measures or runs the grid holds.
 
     Args:
         records: run records, e.g. from :func:`load_runs`.
         max_train_err: the largest clean training error (a fraction) of a kept run.
+        bootstrap: resamples per interval; 0 leaves the intervals out.
+        seed: seeds the resampling.
 
     Returns:
-        Rows with the keys ``model, measure, target, subgroup, tau, n`` (``tau`` None where undefined).
+        Rows with the keys ``model, measure, target, subgroup, tau, n, ci_low, ci_high`` (``tau`` None where
+        undefined; ``ci_low``/``ci_high`` None where there is no interval, and on granulated rows).
 
     Raises:
         ValueError: ``max_train_err`` is not in [0, 1].
@@ -342,11 +423,30 @@ def correlations(records: Iterable[Record], max_train_err: float = DEFAULT_MAX_T
         for measure in measures_in(model_records):
             for target, target_key in TARGETS.items():
                 cells = _correlation_cells(kept, SHARPNESS_PREFIX + measure, target_key, subgroups)
+                intervals = _interval_cells(kept, SHARPNESS_PREFIX + measure, target_key, subgroups, bootstrap,
+                                            (seed, model, measure, target))
                 rows += [
-                    {"model": model, "measure": measure, "target": target, "subgroup": subgroup, "tau": tau, "n": n}
+                    {"model": model, "measure": measure, "target": target, "subgroup": subgroup, "tau": tau, "n": n,
+                     "ci_low": intervals.get(subgroup, (None, None))[0],
+                     "ci_high": intervals.get(subgroup, (None, None))[1]}
                     for subgroup, (tau, n) in cells.items()
                 ]
     return rows
+
+
+def _interval_cells(
+    kept: Sequence[Record], x_key: str, y_key: str, subgroups: Sequence[str], resamples: int, names: tuple[Any, ...]
+) -> dict[str, tuple[float, float]]:
+    intervals: dict[str, tuple[float, float]] = {}
+    for subgroup in ("all", *subgroups):
+        members = kept if subgroup == "all" else [r for r in kept if subgroup_of(r) == subgroup]
+        xs, ys = paired_values(members, x_key, y_key)
+        # A stable seed per row: crc32 of the row's names (Python's hash() changes between processes).
+        seed = [names[0], zlib.crc32("|".join(map(str, (*names[1:], subgroup))).encode())]
+        interval = bootstrap_ci(xs, ys, resamples=resamples, seed=seed)
+        if interval is not None:
+            intervals[subgroup] = interval
+    return intervals
 
 
 def _correlation_cells(
@@ -493,7 +593,8 @@ def write_tables_md(rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, s
     Returns:
         ``path``.
     """
-    cells = {(r["model"], r["measure"], r["target"], r["subgroup"]): (r["tau"], r["n"]) for r in rows}
+    cells = {(r["model"], r["measure"], r["target"], r["subgroup"]): (_md_tau(r["tau"]) + _md_ci(r), r["n"])
+             for r in rows}
     lines = ["# Rank correlation between sharpness and generalization", ""]
     for model in sorted({row["model"] for row in rows} | set(summaries)):
         model_rows = [row for row in rows if row["model"] == model]
@@ -508,11 +609,11 @@ def write_tables_md(rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, s
 
 
 def _paper_table(model: str, measures: Sequence[str], cells: Mapping[tuple[str, ...], tuple[Any, int]]) -> list[str]:
-    lines = ["| Sharpness | LogitNorm | ρ | τ CIFAR-10 | τ CIFAR-10-C | n |", "|---|---|---|---|---|---|"]
+    lines = ["| Sharpness | LogitNorm | ρ | τ CIFAR-10 [95% CI] | τ CIFAR-10-C [95% CI] | n |", "|---|---|---|---|---|---|"]
     for measure in measures:
         test_tau, n = cells[(model, measure, "test_err", "all")]
         c10c_tau, _ = cells[(model, measure, "c10c_err", "all")]
-        lines.append(f"| {_measure_columns(measure)} | {_md_tau(test_tau)} | {_md_tau(c10c_tau)} | {n} |")
+        lines.append(f"| {_measure_columns(measure)} | {test_tau} | {c10c_tau} | {n} |")
     return lines
 
 
@@ -527,7 +628,7 @@ def _subgroup_table(
         for group in groups:
             test_tau, n = cells[(model, measure, "test_err", group)]
             c10c_tau, _ = cells[(model, measure, "c10c_err", group)]
-            parts.append(f"{_md_tau(test_tau)} / {_md_tau(c10c_tau)} ({n})")
+            parts.append(f"{test_tau} / {c10c_tau} ({n})")
         lines.append(f"| {_measure_columns(measure)} | " + " | ".join(parts) + " |")
     return lines
 
@@ -537,6 +638,11 @@ def _measure_columns(measure: str) -> str:
     if parts is None:
         return f"{measure} | | "
     return f"{parts.label} | {'Yes' if parts.logit_norm else 'No'} | {parts.rho:g}"
+
+
+def _md_ci(row: Mapping[str, Any]) -> str:
+    low, high = row.get("ci_low"), row.get("ci_high")
+    return "" if low is None or high is None else f" [{low:.2f}, {high:.2f}]"
 
 
 def _md_tau(tau: float | None) -> str:
@@ -717,8 +823,14 @@ def log_to_wandb(
     out_dir: Path,
     mode: str,
     config: Mapping[str, Any] | None = None,
+    scatters: Sequence[tuple[str, str, Sequence[Record]]] = (),
 ) -> None:
-    """Log the correlations as a ``wandb.Table`` and the figures as images into an ``analysis`` run of ``group``.
+    """Log the correlations as a ``wandb.Table``, the figures as images, and Figures 5 and 6 as W&B plots.
+
+    Each ``(model, measure, runs)`` in ``scatters`` becomes a table ``runs/<model>/<measure>`` (one row per run:
+    run name, subgroup, lr, sharpness, test and CIFAR-10-C error) and three interactive scatter plots on it,
+    ``fig5/<model>/<measure>/test_err``, ``.../c10c_err`` and ``fig6/<model>/<measure>`` (sharpness against lr).
+    The table's ``subgroup`` and ``run`` columns let a W&B panel colour by subgroup and show run names on hover.
 
     Args:
         rows: rows from :func:`correlations`.
@@ -728,6 +840,7 @@ def log_to_wandb(
         out_dir: where W&B keeps its run files (``out_dir/wandb``).
         mode: ``offline`` or ``online``.
         config: settings of the analysis recorded as the run's config.
+        scatters: from :func:`scatter_runs`.
     """
     import wandb  # only when asked: importing W&B is slow
 
@@ -739,9 +852,46 @@ def log_to_wandb(
         table = wandb.Table(columns=list(CSV_COLUMNS), data=[[row[c] for c in CSV_COLUMNS] for row in rows])
         payload: dict[str, Any] = {"correlations": table}
         payload.update({f"figures/{path.stem}": wandb.Image(str(path)) for path in figures})
+        for model, measure, runs in scatters:
+            payload.update(_scatter_plots(wandb, model, measure, runs))
         run.log(payload)
     finally:
         run.finish()
+
+
+SCATTER_COLUMNS = ("run", "subgroup", "lr", "sharpness", "test_err", "c10c_err")
+
+
+def scatter_runs(
+    kept: Sequence[Record], requested: Sequence[str] = ()
+) -> list[tuple[str, str, list[Record]]]:
+    """``(model, measure, runs)`` for each figure the analysis draws: headline and requested measures that runs have."""
+    extra = [name.removeprefix(SHARPNESS_PREFIX) for name in requested]
+    out = []
+    for model, model_kept in by_model(kept).items():
+        for measure in dict.fromkeys([*HEADLINE_MEASURES.get(model, ()), *extra]):
+            runs = [record for record in model_kept if metric(record, SHARPNESS_PREFIX + measure) is not None]
+            if runs:
+                out.append((model, measure, runs))
+    return out
+
+
+def _scatter_plots(wandb: Any, model: str, measure: str, runs: Sequence[Record]) -> dict[str, Any]:
+    data = [
+        [record["run"]["name"], subgroup_of(record), float(record["hparams"]["lr"]),
+         metric(record, SHARPNESS_PREFIX + measure), metric(record, TEST_ERR), metric(record, C10C_ERR)]
+        for record in runs
+    ]
+    table = wandb.Table(columns=list(SCATTER_COLUMNS), data=data)
+    key = f"{model}/{measure}"
+    return {
+        f"runs/{key}": table,
+        f"fig5/{key}/test_err": wandb.plot.scatter(table, "sharpness", "test_err",
+                                                   title=f"{model}: test error vs {measure}"),
+        f"fig5/{key}/c10c_err": wandb.plot.scatter(table, "sharpness", "c10c_err",
+                                                   title=f"{model}: CIFAR-10-C error vs {measure}"),
+        f"fig6/{key}": wandb.plot.scatter(table, "lr", "sharpness", title=f"{model}: {measure} vs learning rate"),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -756,7 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Kendall tau between every sharpness/... metric and final/test_err and c10c/err over the completed runs "
             "under ROOT, per architecture (hparams.model), for the runs with final/train_err <= --max-train-err. "
-            "Writes OUT/correlations.csv (columns model, measure, target, subgroup, tau, n; subgroup is 'all', "
+            "Writes OUT/correlations.csv (columns model, measure, target, subgroup, tau, n, ci_low, ci_high: "
+            "a 95% bootstrap interval over models; subgroup is 'all', "
             "'augment=<true|false>,mixup=<true|false>', 'granulated:<lr|sam_rho|mixup|augment>' for Jiang et al. "
             "(2020)'s coefficient varying one axis with the others fixed, or 'granulated:mean' for their average), "
             "OUT/tables.md, OUT/runs.csv and the figures OUT/fig5_<model>_<measure>.png, "
@@ -775,6 +926,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--measure", action="append", default=[], metavar="NAME",
         help="also draw figures for this measure (with or without the sharpness/ prefix); repeatable",
     )
+    parser.add_argument(
+        "--bootstrap", type=_resamples, default=DEFAULT_BOOTSTRAP, metavar="N",
+        help="bootstrap resamples of the models behind each tau's 95%% confidence interval (ci_low, ci_high); "
+        "0 turns the intervals off (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the bootstrap (default: %(default)s)")
     parser.add_argument("--wandb", action="store_true", help="log the table and figures to an 'analysis' W&B run")
     parser.add_argument(
         "--wandb-mode", choices=("offline", "online"), default=_default_wandb_mode(),
@@ -790,6 +947,16 @@ def _fraction(text: str) -> float:
         _check_max_train_err(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] such as 0.01, got {text!r}") from None
+    return value
+
+
+def _resamples(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of resamples >= 0 such as 1000, got {text!r}")
     return value
 
 
@@ -852,7 +1019,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"--out {args.out} is a file: pass a folder for the tables and figures")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = correlations(runs, args.max_train_err)
+    rows = correlations(runs, args.max_train_err, bootstrap=args.bootstrap, seed=args.seed)
     summaries: dict[str, str] = {}
     kept: list[Record] = []
     dropped: list[tuple[Record, str]] = []
@@ -870,7 +1037,7 @@ def _run(args: argparse.Namespace) -> int:
         *figures,
     ]
     if args.wandb:
-        _log_run_to_wandb(args, records, rows, figures)
+        _log_run_to_wandb(args, records, rows, figures, scatter_runs(kept, args.measure))
     log.info("wrote %s", ", ".join(str(path) for path in written))
     return 0
 
@@ -896,11 +1063,13 @@ def _keep_summary(model: str, kept: Sequence[Record], dropped: Sequence[tuple[Re
 
 
 def _log_run_to_wandb(args: argparse.Namespace, records: Sequence[Record], rows: Sequence[Mapping[str, Any]],
-                      figures: Sequence[Path]) -> None:
+                      figures: Sequence[Path], scatters: Sequence[tuple[str, str, Sequence[Record]]]) -> None:
     project, group = wandb_target(records, args.root)
     log_to_wandb(
         rows, figures, project=project, group=group, out_dir=args.out, mode=args.wandb_mode,
-        config={"root": str(args.root), "max_train_err": args.max_train_err},
+        config={"root": str(args.root), "max_train_err": args.max_train_err, "bootstrap": args.bootstrap,
+                "seed": args.seed},
+        scatters=scatters,
     )
     log.info("logged to W&B (%s): project %s, group %s, run 'analysis'", args.wandb_mode, project, group)
 

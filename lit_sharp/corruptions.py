@@ -26,6 +26,7 @@ from torch import nn
 
 from lit_sharp.constants import CIFAR10_MEAN, CIFAR10_STD, CORRUPTIONS, NUM_CLASSES, SEVERITIES
 from lit_sharp.errors import DataError
+from lit_sharp.evaluation import ClassificationError
 
 __all__ = [
     "CIFAR10C_FOLDER",
@@ -237,7 +238,7 @@ class _Normalizer:
 def _count_wrong(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, rows: range, batch_size: int, normalize: _Normalizer
 ) -> int:
-    wrong = torch.zeros((), dtype=torch.int64, device=normalize.device)
+    metric = None
     for start in range(rows.start, rows.stop, batch_size):
         stop = min(start + batch_size, rows.stop)
         logits = model(normalize(images[start:stop]))
@@ -246,9 +247,11 @@ def _count_wrong(
                 f"the model must return logits of shape (batch, classes); for a batch of {stop - start} images it "
                 f"returned shape {tuple(logits.shape)}"
             )
-        truth = torch.from_numpy(labels[start:stop]).to(logits.device)
-        wrong += (logits.argmax(dim=1) != truth).sum()
-    return int(wrong.item())  # one device sync per cell, not per batch
+        if metric is None:
+            metric = ClassificationError(logits.shape[1]).to(logits.device)
+        metric.update(logits, torch.from_numpy(labels[start:stop]).to(logits.device))
+    wrong, _ = metric.counts()  # one device sync per cell, not per batch
+    return wrong
 
 
 @contextmanager

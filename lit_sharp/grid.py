@@ -23,7 +23,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from lit_sharp.results import run_status
+from lit_sharp.results import ResultsError, read_results, run_status
 from lit_sharp.train import CHECKPOINT_DIR, LAST_CHECKPOINT, run_dir_of
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -81,6 +81,42 @@ def status(grid: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, 
     return by_state
 
 
+def progress_line(by_state: dict[str, list[Path]]) -> str:
+    """``completed/total``, running and failed counts, and an ETA from the completed runs' recorded seconds.
+
+    ETA = mean seconds of a completed run x runs left (neither completed nor diverged; a relaunch trains failed runs
+    again) / runs training now (at least 1): the time left if the launches keep as many runs going as they do now.
+    """
+    total = sum(len(runs) for runs in by_state.values())
+    done, running, failed = (len(by_state[state]) for state in ("completed", "running", "failed"))
+    line = f"progress: {done}/{total} completed ({100 * done / max(total, 1):.0f}%), {running} running, {failed} failed"
+    seconds = [_seconds(run_dir) for run_dir in by_state["completed"]]
+    seconds = [value for value in seconds if value is not None]
+    left = total - done - len(by_state["diverged"])
+    if not left:
+        return line + ", nothing left"
+    if not seconds:
+        return line + ", ETA unknown (no completed run yet)"
+    eta = sum(seconds) / len(seconds) * left / max(running, 1)
+    return line + f", ETA {_duration(eta)} ({left} runs x {_duration(sum(seconds) / len(seconds))} / {max(running, 1)})"
+
+
+def _seconds(run_dir: Path) -> float | None:
+    try:
+        value = read_results(run_dir)["run"].get("seconds")
+    except (ResultsError, OSError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lit_sharp.grid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(runs) for runs in by_state.values())
     counts = Counter({state: len(runs) for state, runs in by_state.items()})
     print(f"grid {args.grid}: {total} runs")
+    print(progress_line(by_state))
     for state in STATES:
         print(f"  {state:<10} {counts[state]}")
     if args.list:

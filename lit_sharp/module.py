@@ -8,7 +8,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 
+from lit_sharp.evaluation import ClassificationError
 from lit_sharp.mixup import mix_batch, mixup_lambda
 from lit_sharp.models.convert import is_old_layout, old_layout_error
 from lit_sharp.sam import SAM, frozen_bn_stats
@@ -67,12 +69,16 @@ class ClassifierModule(pl.LightningModule):
         super().__init__()
         if check_finite_every < 1:
             raise ValueError(f"check_finite_every must be >= 1, got {check_finite_every}")
-        self.save_hyperparameters(ignore=["model"])
+        # logger=False: the run logs its whole config once, as flat dotted keys (lit_sharp.train).
+        self.save_hyperparameters(ignore=["model"], logger=False)
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         if compile:
             self.model.compile()  # in place: parameter names and checkpoints stay those of the plain model
         self.automatic_optimization = False
         self._nonfinite: torch.Tensor | None = None
+        # Accumulated on the device and read once per validation epoch, when Lightning computes them.
+        self.val_err = ClassificationError(num_classes)
+        self.val_loss = MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -113,6 +119,15 @@ class ClassifierModule(pl.LightningModule):
         self.log("train/err", err, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss.detach()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Test error and loss per epoch (``val/err``, ``val/loss``): the curves, not the final numbers."""
+        x, y = batch
+        logits = self.model(x)
+        self.val_err.update(logits, y)
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        self.log("val/err", self.val_err, on_step=False, on_epoch=True)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
 
     def _second_pass(self, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Gradient at ``w + e`` on the same mixed batch (SAM has zeroed the pass-1 gradient); BN moved in pass 1."""

@@ -63,25 +63,51 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, tags: list[str]
     extra: dict[str, Any] = {}
     if cfg.logger.get("entity"):
         extra["entity"] = cfg.logger.entity
-    return [
-        WandbLogger(
-            name=run_name,
-            save_dir=str(run_dir),
-            id=wandb_run_id(run_dir),
-            project=cfg.logger.project,
-            group=cfg.logger.group,
-            tags=list(cfg.logger.get("tags") or []) + tags,
-            job_type=job_type,
-            mode=mode,
-            resume="allow",
-            **extra,
-        )
-    ]
+    logger = WandbLogger(
+        name=run_name,
+        save_dir=str(run_dir),
+        id=wandb_run_id(run_dir),
+        project=cfg.logger.project,
+        group=cfg.logger.group,
+        tags=list(cfg.logger.get("tags") or []) + tags,
+        job_type=job_type,
+        mode=mode,
+        resume="allow",
+        **extra,
+    )
+    # Lightning passes ``anonymous`` to wandb.init even when unset, and W&B warns that the setting is deprecated.
+    logger._wandb_init.pop("anonymous", None)
+    if job_type == "train":
+        define_validation_metrics(logger)
+    return [logger]
+
+
+def define_validation_metrics(logger: WandbLogger) -> None:
+    """Plot ``val/*`` against the epoch and keep their best (min) and last values in the run summary.
+
+    Lightning logs ``epoch`` with every metric dict, so the epoch is there to serve as the x-axis.
+    """
+    run = logger.experiment
+    run.define_metric("epoch")
+    run.define_metric("val/*", step_metric="epoch", summary="min,last")
 
 
 def wandb_logger(loggers: list[Logger]) -> WandbLogger | None:
     """The W&B logger among ``loggers``, if any."""
     return next((logger for logger in loggers if isinstance(logger, WandbLogger)), None)
+
+
+def wandb_location(loggers: list[Logger]) -> str | None:
+    """Where the W&B run of ``loggers`` goes: its URL online, the ``wandb sync`` command that uploads it offline."""
+    logger = wandb_logger(loggers)
+    if logger is None:
+        return None
+    run = logger.experiment
+    if run.settings.mode == "disabled":
+        return None
+    if run.offline:
+        return f"offline; upload with: wandb sync {run.settings.sync_dir}"
+    return run.url
 
 
 def finish_wandb(loggers: list[Logger], summary: dict[str, Any], exit_code: int = 0) -> str | None:

@@ -27,11 +27,12 @@ from torch import nn
 
 from lit_sharp.callbacks.run_clock import RunClock
 from lit_sharp.config import resolve_auto, validate
+from lit_sharp.console import quiet_library_noise, run_summary
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.module import Diverged
 from lit_sharp.results import flatten, make_record, read_results, run_status, write_results
-from lit_sharp.tracking import build_loggers, finish_wandb
+from lit_sharp.tracking import build_loggers, finish_wandb, wandb_location
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         UserError: a bad config or missing data.
     """
     validate(cfg)
+    quiet_library_noise()
     cfg = resolve_auto(cfg)
     if cfg.mode == "eval":
         from lit_sharp.evaluate import evaluate
@@ -158,7 +160,9 @@ def _train(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[st
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg, run_dir, name, tags=_tags(hparams, cfg))
     for logger in loggers:
-        logger.log_hyperparams({"hparams": hparams, "subgroup": subgroup_of(hparams), **_plain(cfg)})
+        # The flat dotted keys of results.json's config (module.lr, data.augment, ...), which W&B's grouping and
+        # parallel-coordinates panels take as they are.
+        logger.log_hyperparams({**flatten(_plain(cfg)), "subgroup": subgroup_of(hparams)})
     trainer_kwargs: dict[str, Any] = {"devices": devices} if devices is not None else {}
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         # submitit requeues on preemption (USR2) and the run resumes from its checkpoint; Lightning must not requeue too.
@@ -191,11 +195,12 @@ def _train(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[st
 def _record(cfg: DictConfig, run_dir: Path, loggers: list, hparams: dict[str, Any], status: str, seconds: float,
             metrics: dict[str, float], error: str | None) -> dict[str, Any]:
     summary = {"run/status": status, "run/seconds": seconds, **metrics}
+    where = wandb_location(loggers)
     wandb_id = finish_wandb(loggers, summary, exit_code=0 if status != "failed" else 1)
     record = make_record(name=run_dir.name, status=status, seconds=seconds, wandb_id=wandb_id, hparams=hparams,
                          config=_plain(cfg), metrics=metrics, error=error)
     write_results(run_dir, record)
-    log.info("%s %s in %.1f s -> %s", run_dir.name, status, seconds, run_dir / "results.json")
+    log.info("%s", run_summary(record, run_dir, where))
     return record
 
 

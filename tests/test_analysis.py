@@ -15,10 +15,15 @@ from typing import Any
 import pytest
 import torch
 import wandb
-from scipy.stats import kendalltau
+import numpy as np
+from scipy.stats import bootstrap, kendalltau
 
 from lit_sharp.analysis import (
     CSV_COLUMNS,
+    SCATTER_COLUMNS,
+    bootstrap_ci,
+    bootstrap_taus,
+    bootstrap_weights,
     correlations,
     granulated_tau,
     kendall_tau,
@@ -30,6 +35,7 @@ from lit_sharp.analysis import (
     wandb_target,
 )
 from lit_sharp.results import make_record, write_results
+from wandb_offline import read_offline_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -363,8 +369,9 @@ def test_tables_and_figures_written(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "no figure for resnet18 worst_linf_adaptive_rho0.001" in capsys.readouterr().out
 
     table = (out / "tables.md").read_text()
-    assert "| Sharpness | LogitNorm | ρ | τ CIFAR-10 | τ CIFAR-10-C | n |" in table
-    assert "| Adaptive worst-case ℓ∞ | Yes | 0.002 | **1.00** | **-1.00** | 6 |" in table
+    assert "| Sharpness | LogitNorm | ρ | τ CIFAR-10 [95% CI] | τ CIFAR-10-C [95% CI] | n |" in table
+    # Perfectly ranked: every bootstrap sample with a defined tau has tau = +1 (or -1), so does the interval.
+    assert "| Adaptive worst-case ℓ∞ | Yes | 0.002 | **1.00** [1.00, 1.00] | **-1.00** [-1.00, -1.00] | 6 |" in table
     # A constant measure has no rank correlation.
     assert "| Standard worst-case ℓ2 | No | 0.25 | – | – | 6 |" in table
     assert table.index("Adaptive avg-case ℓ2") < table.index("Adaptive worst-case ℓ∞")
@@ -470,3 +477,81 @@ def test_wandb_offline_run_holds_table_and_images(tmp_path: Path, monkeypatch: p
     images = sorted(path.name for path in (run_dir / "files" / "media" / "images").rglob("*.png"))
     assert len(images) == 2 and images[0].startswith(f"fig5_resnet18_{headline}")
     assert all(path.read_bytes().startswith(PNG_MAGIC) for path in (run_dir / "files").rglob("*.png"))
+
+    # Figures 5 and 6 as W&B plots on one table of the runs, with the columns to colour and hover by.
+    logged = read_offline_run(run_dir)
+    assert logged["group"] == "sharp_grid_7" and logged["job_type"] == "analysis"
+    plots = {f"fig5/resnet18/{headline}/test_err": ("sharpness", "test_err"),
+             f"fig5/resnet18/{headline}/c10c_err": ("sharpness", "c10c_err"),
+             f"fig6/resnet18/{headline}": ("lr", "sharpness")}
+    (row,) = [row for row in logged["history"] if "correlations/_type" in row]
+    assert row["correlations/_type"] == row[f"runs/resnet18/{headline}/_type"] == "table-file"
+    for key, (x, y) in plots.items():
+        # A W&B plot is its table in the history and a Vega scatter panel over that table in the config.
+        assert row[f"{key}_table/_type"] == "table-file"
+        panel = logged["config"][f"_wandb/visualize/{key}"]["panel_config"]
+        assert panel["panelDefId"].startswith("wandb/scatter") and panel["fieldSettings"] == {"x": x, "y": y}
+    (runs_file,) = (run_dir / "files" / "media" / "table" / "runs" / "resnet18").glob(f"{headline}_*.table.json")
+    runs_table = json.loads(runs_file.read_text())
+    assert runs_table["columns"] == list(SCATTER_COLUMNS)
+    assert sorted(runs_table["data"]) == sorted(
+        [f"r{i}", "augment=false,mixup=false", 0.01 * (i + 1), float(i), 0.1 * i, 0.1 * i] for i in range(4))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bootstrap intervals
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_taus_are_kendall_taus_of_the_resampled_lists() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=11).round(1)  # rounding makes ties in the data too
+    y = (x + rng.normal(size=11)).round(1)
+    weights = bootstrap_weights(11, 300, seed=5)
+    assert weights.shape == (300, 11) and (weights.sum(axis=1) == 11).all()
+    taus = bootstrap_taus(x, y, weights)
+    for draws, tau in zip(weights, taus):
+        picked = np.repeat(np.arange(11), draws)
+        expected = kendalltau(x[picked], y[picked]).statistic
+        if np.isnan(expected):
+            assert np.isnan(tau)
+        else:
+            assert tau == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_ci_agrees_with_scipy_bootstrap() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=20)
+    y = x + rng.normal(size=20)
+    low, high = bootstrap_ci(x, y, resamples=4000, seed=0)
+    reference = bootstrap((x, y), lambda a, b: kendalltau(a, b).statistic, paired=True, vectorized=False,
+                          n_resamples=4000, method="percentile", confidence_level=0.95, rng=np.random.default_rng(2))
+    # Two independent sets of resamples: the endpoints agree up to Monte Carlo error (sd about 0.01 here).
+    assert low == pytest.approx(reference.confidence_interval.low, abs=0.04)
+    assert high == pytest.approx(reference.confidence_interval.high, abs=0.04)
+    assert low < kendall_tau(list(x), list(y)) < high
+    assert bootstrap_ci(x, y, resamples=4000, seed=0) == (low, high)  # seeded
+    assert bootstrap_ci(x, y, resamples=0) is None
+    assert bootstrap_ci([1.0, 2.0, 3.0], [0.5, 0.5, 0.5]) is None  # tau undefined: no interval
+
+
+def test_correlations_csv_carries_intervals(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(4)
+    records = [
+        run_record(f"r{i}", lr=0.01 * (i + 1), augment=i % 2 == 0,
+                   metrics=error_metrics(0.0, *torch.rand(2, generator=generator).tolist(),
+                                         **{MEASURE: float(torch.rand(1, generator=generator))}))
+        for i in range(16)
+    ]
+    grid = write_grid(tmp_path / "grid", records)
+    main([str(grid), "--out", str(tmp_path / "a"), "--bootstrap", "200"])
+    rows = read_csv(tmp_path / "a" / "correlations.csv")
+    for row in rows:
+        if row["subgroup"].startswith("granulated:"):
+            assert row["ci_low"] == row["ci_high"] == ""
+        else:
+            assert float(row["ci_low"]) <= float(row["tau"]) <= float(row["ci_high"]), row
+    main([str(grid), "--out", str(tmp_path / "b"), "--bootstrap", "200"])
+    assert read_csv(tmp_path / "b" / "correlations.csv") == rows  # the same intervals on every run
+    main([str(grid), "--out", str(tmp_path / "c"), "--bootstrap", "0"])
+    assert all(row["ci_low"] == "" for row in read_csv(tmp_path / "c" / "correlations.csv"))

@@ -178,3 +178,22 @@ def test_gpu_slots_spread_runs_over_gpus_and_cap_runs_per_gpu(tmp_path):
     with pytest.raises(ValueError, match="runs_per_gpu"):
         with gpu_slot(1, 0, lock_dir=tmp_path):
             pass
+
+
+def test_progress_line_counts_and_eta_from_completed_runs(tmp_path):
+    from lit_sharp.grid import STATES, progress_line
+    from lit_sharp.results import make_record, write_results
+
+    by_state = {state: [] for state in STATES}
+    hparams = {"model": "resnet18", "lr": 0.1, "sam_rho": 0.0, "mixup_alpha": 0.0, "augment": False, "seed": 0}
+    for name, status, seconds in (("a", "completed", 100.0), ("b", "completed", 500.0), ("c", "failed", 7.0)):
+        write_results(tmp_path / name, make_record(name=name, status=status, seconds=seconds, wandb_id=None,
+                                                   hparams=hparams, config={}, metrics={}))
+        by_state[status].append(tmp_path / name)
+    by_state["running"] = [tmp_path / "d", tmp_path / "e"]
+    by_state["pending"] = [tmp_path / f"p{i}" for i in range(5)]
+    # 10 runs; left: 1 failed (a relaunch trains it again) + 2 running + 5 pending = 8;
+    # mean 300 s per run, 2 at a time: 8 x 300 / 2 = 1200 s = 20 min.
+    assert progress_line(by_state) == ("progress: 2/10 completed (20%), 2 running, 1 failed, "
+                                       "ETA 20 min (8 runs x 5 min / 2)")
+    assert progress_line({**by_state, "completed": []}).endswith("ETA unknown (no completed run yet)")

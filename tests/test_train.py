@@ -186,3 +186,50 @@ def test_a_different_recipe_is_refused_in_a_finished_runs_folder(synthetic_root,
     assert run(compose_config(*overrides, "module.check_finite_every=5"))["run"]["status"] == "completed"
     # A variant under another name is its own run.
     assert run(compose_config(*overrides, "trainer.max_steps=3", "name=shorter"))["run"]["status"] == "completed"
+
+
+def test_validation_curve_summary_and_flat_config_in_wandb(synthetic_root, tmp_path):
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), *no_measurements(), "trainer.max_epochs=2")
+    record = run(cfg)
+    (wandb_run,) = offline_runs(run_dir_of(cfg))
+    logged = read_offline_run(wandb_run)
+    curve = [row for row in logged["history"] if "val/err" in row]
+    assert [row["epoch"] for row in curve] == [0, 1]  # the quickstart validates every epoch
+    assert all(0 <= row["val/err"] <= 1 and row["val/loss"] > 0 for row in curve)
+    # The last validation and FinalErrors see the same weights and test set through different loops.
+    assert curve[-1]["val/err"] == pytest.approx(record["metrics"]["final/test_err"], abs=1e-12)
+    # Plotted against the epoch, best and last value kept in the summary.
+    definition = logged["metrics"]["val/*"]
+    assert definition["step_metric"] == "epoch" and definition["summary"].min and definition["summary"].last
+    summary = logged["summary"]
+    assert summary["val/err"]["min"] == min(row["val/err"] for row in curve)
+    assert summary["val/err"]["last"] == curve[-1]["val/err"]
+    assert summary["final/test_err"] == record["metrics"]["final/test_err"]
+    # The config once, as results.json's flat dotted keys (no second copy of the module's arguments).
+    config = logged["config"]
+    for key in ("module.lr", "module.sam_rho", "module.mixup_alpha", "data.augment"):
+        assert config[key] == record["config"][key], key
+    assert config["subgroup"] == "augment=true,mixup=true"
+    assert "lr" not in config and "hparams" not in config
+    assert logged["job_type"] == "train" and wandb_run.name.endswith(record["run"]["wandb_id"])
+
+
+def test_console_of_a_run_has_no_warnings_and_ends_with_a_summary(synthetic_root, tmp_path):
+    overrides = tiny_run_overrides(synthetic_root, tmp_path / "runs", "~callbacks.sharpness")
+    # W&B not silenced here: its own warnings (such as the deprecated `anonymous` setting) must not appear either.
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600, env=subprocess_env(WANDB_SILENT="false"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    noise = [line for line in output.splitlines()
+             if any(word in line.lower() for word in ("warn", "deprecat", "💡 tip"))]
+    assert noise == []
+    run_dir = tmp_path / "runs" / "quickstart" / "resnet18_lr0.05_rho0.05_mix0.5_aug1_s0"
+    record = read_results(run_dir)
+    metrics = record["metrics"]
+    assert f"run {run_dir.name}: completed in {record['run']['seconds']:.1f} s" in output
+    assert f"  folder     {run_dir}" in output
+    assert (f"  error      train {metrics['final/train_err']:.4g}   test {metrics['final/test_err']:.4g}   "
+            f"CIFAR-10-C {metrics['c10c/err']:.4g}") in output
+    (wandb_run,) = offline_runs(run_dir)
+    assert f"  W&B        offline; upload with: wandb sync {wandb_run}" in output

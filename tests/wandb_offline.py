@@ -44,11 +44,16 @@ def _payloads(data: bytes):
 
 
 def read_offline_run(run_folder: Path) -> dict[str, Any]:
-    """Summary, config keys, group, tags and job type recorded in ``run_folder/*.wandb``."""
+    """Summary, config, history rows, metric definitions, group, tags and job type recorded in ``run_folder/*.wandb``.
+
+    ``history`` holds one dict per logged row (``_step`` among its keys); ``metrics`` maps each ``define_metric`` name
+    or glob to its ``step_metric`` and ``summary`` (a protobuf message with ``min``, ``last``, ... flags).
+    """
     # W&B's service completes an offline run's log when it shuts down; do that before reading.
     wandb.teardown()
     (path,) = Path(run_folder).glob("*.wandb")
-    out: dict[str, Any] = {"summary": {}, "config": {}, "history_keys": set(), "group": None, "tags": [], "job_type": None}
+    out: dict[str, Any] = {"summary": {}, "config": {}, "history_keys": set(), "history": [], "group": None, "tags": [],
+                           "job_type": None, "metrics": {}}
     for payload in _payloads(path.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -62,7 +67,14 @@ def read_offline_run(run_folder: Path) -> dict[str, Any]:
             for item in record.config.update:
                 out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "history":
-            out["history_keys"].update(item.key or "/".join(item.nested_key) for item in record.history.item)
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            out["history_keys"].update(row)
+            out["history"].append(row)
+        elif kind == "metric":
+            # define_metric: name (or glob) -> its step metric and summary settings
+            metric = record.metric
+            out["metrics"][metric.name or metric.glob_name] = {
+                "step_metric": metric.step_metric, "summary": metric.summary}
     return out
 
 

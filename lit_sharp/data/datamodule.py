@@ -21,7 +21,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     Loaders:
         ``train_dataloader``: all training images in a seeded order, augmented when ``augment`` is on.
         ``clean_train_dataloader``: the first ``clean_train_size`` training images, no augmentation (clean training error).
-        ``test_dataloader``: the test images.
+        ``test_dataloader``: the test images (also ``val_dataloader``, evaluated every ``check_val_every_n_epoch``).
         ``sharpness_dataloader``: the first ``sharpness_size`` training images in dataset order, no augmentation,
         batches of ``sharpness_batch_size``, never shuffled: the data of every sharpness measurement.
 
@@ -157,6 +157,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return _eval_loader(*self.test_arrays, self.eval_batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        """The test set, no augmentation: the per-epoch test-error curve (``val/err``); ``final/test_err`` is separate."""
+        return self.test_dataloader()
 
     def sharpness_dataloader(self) -> DataLoader:
         images, labels = self.train_arrays
