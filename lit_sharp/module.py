@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_sharp.mixup import mix_batch, mixup_lambda
-from lit_sharp.sam import SAM, frozen_bn_stats
+from lit_sharp.sam import SAM, BatchNormStatsFreezer
 from lit_sharp.schedule import warmup_linear_lr
 
 
@@ -25,6 +25,12 @@ class ClassifierModule(pl.LightningModule):
     ascent ``w + rho g / ||g||`` (Foret et al. 2021) and pass 2 on the same mixed batch with BatchNorm running
     statistics frozen, so they move once per step as in plain training; then the SGD step. ``sam_rho = 0`` is plain SGD
     with no second pass. The learning rate of step ``t`` is :func:`~lit_sharp.schedule.warmup_linear_lr`.
+
+    The step never waits for the host: nothing in it reads a device value back (the logged loss, error and learning
+    rate stay device tensors, the learning rate of every step is looked up in a table built on the device when
+    training starts), except the divergence check every ``check_finite_every`` steps; Lightning reads the logged
+    values when it flushes its loggers (every ``trainer.log_every_n_steps`` steps). None of them is logged with
+    ``prog_bar=True``, which would make Lightning read them after every batch; :mod:`lit_sharp.progress` shows them.
 
     Args:
         model: any ``nn.Module`` mapping normalized images to logits.
@@ -42,7 +48,10 @@ class ClassifierModule(pl.LightningModule):
             NaN/inf; on a GPU every read is a host synchronisation, so larger values keep the step asynchronous while
             a non-finite loss seen in between is still remembered and stops the run at the next read.
         channels_last: keep the model in ``channels_last`` memory format (faster convolutions on GPUs).
-        compile: compile the model with ``torch.compile`` before training.
+        compile: run the training passes through ``torch.compile(model)``. Only training is compiled:
+            ``forward`` (what evaluation and the end-of-training measurements call, in eval mode and with other
+            batch sizes) runs the plain model, so they neither recompile nor evict the training graph. Parameter
+            names and checkpoints are those of the plain model.
     """
 
     def __init__(
@@ -68,10 +77,13 @@ class ClassifierModule(pl.LightningModule):
             raise ValueError(f"check_finite_every must be >= 1, got {check_finite_every}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
-        if compile:
-            self.model.compile()  # in place: parameter names and checkpoints stay those of the plain model
+        # A plain function attribute, not a module: it adds no state_dict keys (nn.Module.compile does the same,
+        # but in place, which would also compile every evaluation call).
+        self._train_forward = torch.compile(self.model._call_impl) if compile else self.model
+        self._bn_freezer = BatchNormStatsFreezer(self.model)
         self.automatic_optimization = False
         self._nonfinite: torch.Tensor | None = None
+        self._lr_table: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -90,7 +102,7 @@ class ClassifierModule(pl.LightningModule):
         lam = mixup_lambda(self.hparams.mixup_alpha, self.hparams.seed, self.global_step)
         inputs, targets = mix_batch(x, y, lam, self.hparams.num_classes) if lam < 1.0 else (x, y)
 
-        logits = self.model(inputs)
+        logits = self._train_forward(inputs)
         loss = F.cross_entropy(logits, targets)
         self._stop_if_diverged(loss)
         self.manual_backward(loss)
@@ -102,17 +114,27 @@ class ClassifierModule(pl.LightningModule):
 
         # Error against the clean labels, from pass 1 (the pass whose loss is logged).
         err = (logits.detach().argmax(dim=1) != y).float().mean()
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/err", err, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True)
+        self.log("train/err", err, on_step=True, on_epoch=True)
+        self.log("train/lr", self._lr_on_device(), on_step=True, on_epoch=False)
         return loss.detach()
 
     def _second_pass(self, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Gradient at ``w + e`` on the same mixed batch (SAM has zeroed the pass-1 gradient); BN moved in pass 1."""
-        with frozen_bn_stats(self.model):
-            loss = F.cross_entropy(self.model(inputs), targets)
+        with self._bn_freezer.frozen():
+            loss = F.cross_entropy(self._train_forward(inputs), targets)
             self.manual_backward(loss)
         return loss
+
+    def on_train_start(self) -> None:
+        # One host-to-device copy per fit instead of one per logged step (self.log of a float copies it, blocking).
+        hp = self.hparams
+        schedule = [warmup_linear_lr(t, self.total_steps, hp.lr, hp.warmup_fraction) for t in range(self.total_steps + 1)]
+        self._lr_table = torch.tensor(schedule, device=self.device)
+
+    def _lr_on_device(self) -> torch.Tensor:
+        """This step's learning rate (what ``_set_lr`` gave the optimizer, in float32) as a device tensor."""
+        return self._lr_table[min(self.global_step, len(self._lr_table) - 1)]
 
     def _set_lr(self, optimizer: Any) -> None:
         hp = self.hparams
