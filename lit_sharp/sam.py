@@ -311,7 +311,8 @@ class BatchNormStatsFreezer:
     training (batch statistics normalize; the running buffers move), and the copy back undoes the move bit for bit.
 
     Why not switch ``track_running_stats`` off for the pass: that changes a module attribute every step, which
-    ``torch.compile`` guards on (two recompiles per step, or a fall back to eager once the recompile limit is hit).
+    ``torch.compile`` guards on: pass 2 fails the guards of pass 1's graph and is compiled again into a second graph
+    (twice the compile time and graph memory, and one more entry toward dynamo's recompile limit).
     Copies into preallocated buffers change no attribute, allocate nothing in the steady state and never read a
     value back to the host. The buffers are allocated again only when a statistic changed shape, dtype or device
     (e.g. after ``model.to(...)``). Other norm layers (InstanceNorm, GroupNorm, LayerNorm) are left alone.
