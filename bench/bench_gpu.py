@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_sharp.data.device_pipeline import DeviceTrainLoader
-from lit_sharp.models import preact_resnet18, simple_vit
 from lit_sharp.module import ClassifierModule
 from lit_sharp.sharpness import preset, sharpness
 from timing import seconds
@@ -30,7 +29,22 @@ PEAK_TFLOPS = {"H200": {"bf16-mixed": 989.0, "32-true": 67.0}, "H100": {"bf16-mi
 TARGETS_S_200_EPOCHS = {("resnet18", False): 170, ("resnet18", True): 340, ("simplevit", False): 320, ("simplevit", True): 640}
 TARGETS_PRESET_S = {"resnet18": 10, "simplevit": 20}
 EPOCHS, TRAIN_IMAGES, BATCH = 200, 50_000, 128
-MODELS = {"resnet18": preact_resnet18, "simplevit": simple_vit}
+
+
+def _preact_resnet18(**kwargs: Any) -> torch.nn.Module:
+    from lit_sharp.models.preact_resnet import preact_resnet18
+
+    return preact_resnet18(**kwargs)
+
+
+def _simple_vit(**kwargs: Any) -> torch.nn.Module:
+    # Imported when built: the ViT's dependencies stay out of the import path of code that does not build it.
+    from lit_sharp.models.vit import simple_vit
+
+    return simple_vit(**kwargs)
+
+
+MODELS = {"resnet18": _preact_resnet18, "simplevit": _simple_vit}
 
 
 def _sync(device: torch.device) -> None:
@@ -87,12 +101,16 @@ def throughput(model_name: str, sam: bool, precision: str, *, steps: int = 200, 
     return steps * BATCH / (timer.times[1] - timer.times[0])
 
 
-def preset_seconds(model_name: str, device: str = "cuda", n_batches: int = 8, **model_kwargs: Any) -> float:
-    """Wall time of the model's 48-spec paper preset on ``n_batches`` batches of 128 (8: the paper's 1,024 images)."""
+def preset_seconds(model_name: str, device: str = "cuda", n_batches: int = 8, batch_size: int = BATCH,
+                   preset_kwargs: dict[str, int] | None = None, **model_kwargs: Any) -> float:
+    """Wall time of the model's 48-spec paper preset on ``n_batches`` batches of 128 (8: the paper's 1,024 images).
+
+    ``preset_kwargs`` (``n_iters``, ``n_samples``) shrink the preset for a dry run; the figure uses the defaults.
+    """
     model = MODELS[model_name](**model_kwargs).to(device)
-    batches = [(torch.randn(BATCH, 3, 32, 32, device=device), torch.randint(0, 10, (BATCH,), device=device))
-               for _ in range(n_batches)]
-    return seconds(lambda: [sharpness(model, batches, spec) for spec in preset(f"paper_{model_name}")],
+    batches = [(torch.randn(batch_size, 3, 32, 32, device=device),
+                torch.randint(0, 10, (batch_size,), device=device)) for _ in range(n_batches)]
+    return seconds(lambda: [sharpness(model, batches, spec) for spec in preset(f"paper_{model_name}", **(preset_kwargs or {}))],
                    torch.device(device))
 
 

@@ -1,10 +1,13 @@
 """Benchmarks of lit_sharp, each a ratio against a baseline measured side by side in this process.
 
 ``python bench/run.py --quick`` (CPU, a few minutes) prints a table and then the line
-``ratios: lightning_overhead=X dataloader_img_s_per_worker=Y sam_step=Z sharpness_vs_floor=W device_aug_ops=N``
-(N: ATen ops per 128-image batch of the device augmentation, ``bench_augment.py``).
+``ratios: lightning_overhead=X dataloader_img_s_per_worker=Y sam_step=Z compiled_vs_eager=C sharpness_vs_floor=W
+device_aug_ops=N`` (N: ATen ops per 128-image batch of the device augmentation, ``bench_augment.py``).
 Without ``--quick`` (needs a GPU) it also measures the campaign figures of ``bench_gpu.py``. Both write
 ``bench/results/<date>-<device>.json`` with the machine, versions and command.
+
+``python bench/run.py --gpu-check [--dry-run] [--steps N] [--models resnet18,simplevit]`` runs the short GPU check of
+``gpu_check.py`` instead (sync-free steady state, falling loss, resume, images/s, MFU, projected grid time).
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ def _machine() -> dict[str, str]:
 def cpu_ratios(quick: bool) -> dict[str, float]:
     training = bench_training.measure(quick=quick)
     sam = bench_sam.measure(quick=quick, device="cpu")
+    compiled = bench_sam.measure_compiled(quick=quick, device="cpu")
     sharp = bench_sharpness.measure(quick=quick, device="cpu", include_released=False)
     return {
         "lightning_overhead": training["lightning_overhead"],
         "dataloader_img_s_per_worker": training["dataloader_img_s_per_worker"],
         "sam_step": sam["sam_step"],
         "sam_rho0_step": sam["sam_rho0_step"],
+        "compiled_vs_eager": compiled["compiled_vs_eager"],
         "sharpness_vs_floor": float(sharp["sharpness_vs_floor"]),
         "average_vs_floor": float(sharp["average_vs_floor"]),
         "device_aug_ops": bench_augment.measure()["device_aug_ops"],
@@ -70,9 +75,15 @@ def _print_gpu(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--gpu-check" in argv:
+        import gpu_check
+
+        return gpu_check.main([arg for arg in argv if arg != "--gpu-check"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU ratios only, small sizes (a few minutes)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON record")
+    parser.add_argument("--gpu-check", action="store_true", help="the short GPU check of gpu_check.py (see above)")
     args = parser.parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
         print("error: the full benchmark needs a CUDA device; use --quick on a CPU", file=sys.stderr)
@@ -92,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / name).write_text(json.dumps(record, indent=2))
     print(f"written {args.out / name}")
     if ratios:
-        keys = ("lightning_overhead", "dataloader_img_s_per_worker", "sam_step", "sharpness_vs_floor")
+        keys = ("lightning_overhead", "dataloader_img_s_per_worker", "sam_step", "compiled_vs_eager",
+                "sharpness_vs_floor")
         print("ratios: " + " ".join(f"{key}={ratios[key]:.3f}" for key in keys)
               + f" device_aug_ops={ratios['device_aug_ops']}")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lit_sharp.seeding import MIXUP_STREAM, derived_seed
 
@@ -33,7 +32,9 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, lam: float, num_classes: int) ->
     Returns:
         ``(x', t')`` with ``t'`` of shape ``(B, num_classes)``; each row of ``t'`` sums to 1.
     """
-    targets = F.one_hot(y, num_classes).to(x.dtype)
+    # scatter_ rather than F.one_hot: on a CPU one_hot reads min(y) and max(y) back (.item()) to check the range;
+    # scatter_ checks the indices inside its kernel. Same values.
+    targets = torch.zeros((len(y), num_classes), dtype=x.dtype, device=x.device).scatter_(1, y.unsqueeze(1), 1.0)
     mixed_x = x.mul(lam).add_(x.flip(0), alpha=1.0 - lam)
     mixed_t = targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
     return mixed_x, mixed_t

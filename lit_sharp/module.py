@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from lit_sharp.evaluation import ClassificationError
 from lit_sharp.mixup import mix_batch, mixup_lambda
 from lit_sharp.models.convert import is_old_layout, old_layout_error
-from lit_sharp.sam import SAM, frozen_bn_stats
+from lit_sharp.sam import SAM, BatchNormStatsFreezer
 from lit_sharp.schedule import warmup_linear_lr
 
 
@@ -28,6 +28,12 @@ class ClassifierModule(pl.LightningModule):
     ascent ``w + rho g / ||g||`` (Foret et al. 2021) and pass 2 on the same mixed batch with BatchNorm running
     statistics frozen, so they move once per step as in plain training; then the SGD step. ``sam_rho = 0`` is plain SGD
     with no second pass. The learning rate of step ``t`` is :func:`~lit_sharp.schedule.warmup_linear_lr`.
+
+    The step never waits for the host: nothing in it reads a device value back (the logged loss, error and learning
+    rate stay device tensors, the learning rate of every step is looked up in a table built on the device when
+    training starts), except the divergence check every ``check_finite_every`` steps; Lightning reads the logged
+    values when it flushes its loggers (every ``trainer.log_every_n_steps`` steps). None of them is logged with
+    ``prog_bar=True``, which would make Lightning read them after every batch; :mod:`lit_sharp.progress` shows them.
 
     Args:
         model: any ``nn.Module`` mapping normalized images to logits.
@@ -45,7 +51,11 @@ class ClassifierModule(pl.LightningModule):
             NaN/inf; on a GPU every read is a host synchronisation, so larger values keep the step asynchronous while
             a non-finite loss seen in between is still remembered and stops the run at the next read.
         channels_last: keep the model in ``channels_last`` memory format (faster convolutions on GPUs).
-        compile: compile the model with ``torch.compile`` before training.
+        compile: run the training passes through ``torch.compile`` (``True``: its default backend, inductor; a
+            string names another backend, e.g. ``"aot_eager"``, which compiles in seconds). Only training is compiled:
+            ``forward`` (what evaluation and the end-of-training measurements call, in eval mode and with other
+            batch sizes) runs the plain model, so they neither recompile nor evict the training graph. Parameter
+            names and checkpoints are those of the plain model.
     """
 
     def __init__(
@@ -64,7 +74,7 @@ class ClassifierModule(pl.LightningModule):
         seed: int = 0,
         check_finite_every: int = 1,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if check_finite_every < 1:
@@ -72,13 +82,19 @@ class ClassifierModule(pl.LightningModule):
         # logger=False: the run logs its whole config once, as flat dotted keys (lit_sharp.train).
         self.save_hyperparameters(ignore=["model"], logger=False)
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        # A plain function attribute, not a module: it adds no state_dict keys. (nn.Module.compile compiles the
+        # same function but installs it in place, which would also compile every evaluation call.)
+        self._compiled_call = None
         if compile:
-            self.model.compile()  # in place: parameter names and checkpoints stay those of the plain model
+            backend = compile if isinstance(compile, str) else "inductor"
+            self._compiled_call = torch.compile(self.model._call_impl, backend=backend)
+        self._bn_freezer = BatchNormStatsFreezer(self.model)
         self.automatic_optimization = False
         self._nonfinite: torch.Tensor | None = None
         # Accumulated on the device and read once per validation epoch, when Lightning computes them.
         self.val_err = ClassificationError(num_classes)
         self.val_loss = MeanMetric()
+        self._lr_table: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -88,6 +104,9 @@ class ClassifierModule(pl.LightningModule):
         if is_old_layout(checkpoint.get("state_dict", {})):
             path = self._trainer.ckpt_path if self._trainer is not None else None  # None outside trainer.fit
             raise old_layout_error(path or "the checkpoint to load")
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) if self._compiled_call is None else self._compiled_call(x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -103,7 +122,7 @@ class ClassifierModule(pl.LightningModule):
         lam = mixup_lambda(self.hparams.mixup_alpha, self.hparams.seed, self.global_step)
         inputs, targets = mix_batch(x, y, lam, self.hparams.num_classes) if lam < 1.0 else (x, y)
 
-        logits = self.model(inputs)
+        logits = self._train_forward(inputs)
         loss = F.cross_entropy(logits, targets)
         self._stop_if_diverged(loss)
         self.manual_backward(loss)
@@ -115,9 +134,9 @@ class ClassifierModule(pl.LightningModule):
 
         # Error against the clean labels, from pass 1 (the pass whose loss is logged).
         err = (logits.detach().argmax(dim=1) != y).float().mean()
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/err", err, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True)
+        self.log("train/err", err, on_step=True, on_epoch=True)
+        self.log("train/lr", self._lr_on_device(), on_step=True, on_epoch=False)
         return loss.detach()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -131,10 +150,20 @@ class ClassifierModule(pl.LightningModule):
 
     def _second_pass(self, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Gradient at ``w + e`` on the same mixed batch (SAM has zeroed the pass-1 gradient); BN moved in pass 1."""
-        with frozen_bn_stats(self.model):
-            loss = F.cross_entropy(self.model(inputs), targets)
+        with self._bn_freezer.frozen():
+            loss = F.cross_entropy(self._train_forward(inputs), targets)
             self.manual_backward(loss)
         return loss
+
+    def on_train_start(self) -> None:
+        # One host-to-device copy per fit instead of one per logged step (self.log of a float copies it, blocking).
+        hp = self.hparams
+        schedule = [warmup_linear_lr(t, self.total_steps, hp.lr, hp.warmup_fraction) for t in range(self.total_steps + 1)]
+        self._lr_table = torch.tensor(schedule, device=self.device)
+
+    def _lr_on_device(self) -> torch.Tensor:
+        """This step's learning rate (what ``_set_lr`` gave the optimizer, in float32) as a device tensor."""
+        return self._lr_table[min(self.global_step, len(self._lr_table) - 1)]
 
     def _set_lr(self, optimizer: Any) -> None:
         hp = self.hparams

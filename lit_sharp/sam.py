@@ -11,8 +11,8 @@ with ``g = grad L_B(w)`` and the norm taken over all parameters together. The in
 ``davda54/sam`` (``first_step`` / ``second_step`` / ``step(closure)``), with the base optimizer's state
 (momentum buffers) carried by ``state_dict`` so that a resumed run continues exactly.
 
-This module imports torch only; ``frozen_bn_stats`` is the companion that keeps BatchNorm running
-statistics out of the second forward pass.
+This module imports torch only; ``BatchNormStatsFreezer`` (or the one-off ``frozen_bn_stats``) is the
+companion that keeps BatchNorm running statistics out of the second forward pass.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-__all__ = ["SAM", "frozen_bn_stats"]
+__all__ = ["SAM", "BatchNormStatsFreezer", "frozen_bn_stats"]
 
 # Guards the division by the gradient norm when the gradient vanishes (then e = 0).
 _NORM_EPS = 1e-12
@@ -301,18 +301,76 @@ def _split_by_device(params: list[Tensor]) -> list[list[Tensor]]:
     return list(by_device.values())
 
 
+class BatchNormStatsFreezer:
+    """Keeps the BatchNorm running statistics of a module where they were, across forward passes, by save and restore.
+
+    For SAM's second forward pass at ``w + e`` (protocol.md section 2: BatchNorm running statistics are updated
+    by the first pass only). Entering :meth:`frozen` copies ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` of every ``torch.nn.modules.batchnorm._BatchNorm`` that tracks them into buffers kept from
+    call to call; leaving it copies them back, also after an exception. In between the layers behave exactly as in
+    training (batch statistics normalize; the running buffers move), and the copy back undoes the move bit for bit.
+
+    Why not switch ``track_running_stats`` off for the pass: that changes a module attribute every step, which
+    ``torch.compile`` guards on: pass 2 fails the guards of pass 1's graph and is compiled again into a second graph
+    (twice the compile time and graph memory, and one more entry toward dynamo's recompile limit).
+    Copies into preallocated buffers change no attribute, allocate nothing in the steady state and never read a
+    value back to the host. The buffers are allocated again only when a statistic changed shape, dtype or device
+    (e.g. after ``model.to(...)``). Other norm layers (InstanceNorm, GroupNorm, LayerNorm) are left alone.
+
+    Args:
+        module: the model (or any module) whose BatchNorm statistics to freeze; its layers are listed once, here.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        >>> freezer = BatchNormStatsFreezer(model)
+        >>> with freezer.frozen():
+        ...     _ = model(torch.randn(8, 4))
+        >>> int(model[1].num_batches_tracked)
+        0
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        self._layers = layers
+        self._saved: list[Tensor] = []
+
+    def _statistics(self) -> list[Tensor]:
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        return [stat for layer in self._layers for name in names if (stat := getattr(layer, name)) is not None]
+
+    def _buffers_for(self, stats: list[Tensor]) -> list[Tensor]:
+        def fits(buffer: Tensor, stat: Tensor) -> bool:
+            return (buffer.shape, buffer.dtype, buffer.device) == (stat.shape, stat.dtype, stat.device)
+
+        if len(self._saved) != len(stats) or not all(fits(b, s) for b, s in zip(self._saved, stats)):
+            self._saved = [torch.empty_like(stat) for stat in stats]
+        return self._saved
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Within the block, running statistics may move; on exit they are exactly what they were on entry."""
+        stats = self._statistics()
+        if not stats:
+            yield
+            return
+        saved = self._buffers_for(stats)
+        with torch.no_grad():
+            torch._foreach_copy_(saved, stats)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(stats, saved)
+
+
 @contextmanager
 def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
-    """Keep every BatchNorm layer of ``module`` from updating its running statistics.
+    """Keep every BatchNorm layer of ``module`` from updating its running statistics (a one-off
+    :class:`BatchNormStatsFreezer`; a training loop should keep one freezer, whose buffers are reused every step).
 
-    For SAM's second forward pass at ``w + e`` (protocol: BatchNorm running statistics are updated by the
-    first pass only). Layers still normalize with the statistics of the current batch in training mode.
-    It sets ``track_running_stats = False`` on each ``torch.nn.modules.batchnorm._BatchNorm`` that tracks
-    them: ``_BatchNorm.forward`` then passes no running buffers to ``F.batch_norm`` in training mode (so
-    ``running_mean``/``running_var`` stay put), skips the ``num_batches_tracked`` increment, and still
-    uses batch statistics because that choice depends on ``self.training`` alone. In eval mode the
-    running buffers are used as before. The flags are restored on exit, also after an exception.
-    Other norm layers (InstanceNorm, GroupNorm, LayerNorm) are left alone.
+    Layers still normalize with the statistics of the current batch in training mode, and with the running
+    statistics in eval mode. On exit ``running_mean``, ``running_var`` and ``num_batches_tracked`` hold the values
+    they had on entry, bit for bit, also after an exception; no module attribute is changed.
 
     Args:
         module: the model (or any module) whose BatchNorm layers to freeze.
@@ -327,11 +385,5 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
         >>> int(model[1].num_batches_tracked)
         0
     """
-    tracking = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    for layer in tracking:
-        layer.track_running_stats = False
-    try:
+    with BatchNormStatsFreezer(module).frozen():
         yield
-    finally:
-        for layer in tracking:
-            layer.track_running_stats = True

@@ -31,6 +31,7 @@ from lit_sharp.console import quiet_library_noise, run_summary
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.module import Diverged
+from lit_sharp.progress import LoggedStepProgressBar
 from lit_sharp.results import flatten, make_record, read_results, run_status, write_results
 from lit_sharp.tracking import build_loggers, finish_wandb, wandb_location
 
@@ -168,8 +169,10 @@ def _train(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[st
         # submitit requeues on preemption (USR2) and the run resumes from its checkpoint; Lightning must not requeue too.
         trainer_kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     clock = RunClock()
+    # The bar reads the loss only when the loggers flush (a host sync); Lightning's default reads it every step.
+    progress = [LoggedStepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[clock, *callbacks, _checkpointing(run_dir)],
+        cfg.trainer, logger=loggers or False, callbacks=[clock, *progress, *callbacks, _checkpointing(run_dir)],
         default_root_dir=str(run_dir), **trainer_kwargs,
     )
     last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT

@@ -359,14 +359,19 @@ def test_augmented_batches_are_rand_augment_then_crop_flip_then_normalize():
         assert torch.equal(x, expected)
 
 
-def test_an_iteration_keeps_the_epoch_it_started_with_and_channels_last_is_honoured():
+def test_an_iteration_reads_the_epoch_at_its_first_batch_and_channels_last_is_honoured():
+    # As a DataLoader reads its sampler: a resuming Lightning calls iter() first, then set_epoch(resumed epoch).
     images, labels = small_set(32)
     loader = DeviceTrainLoader(images, labels, batch_size=8, augment=True, seed=0, device="cpu", channels_last=True)
+    loader.set_epoch(5)
     reference = [y for _, y in loader]
+    loader.set_epoch(0)
     batches = iter(loader)
     loader.set_epoch(5)
     replayed = [(x, y) for x, y in batches]
     assert all(torch.equal(a, b) for a, b in zip(reference, (y for _, y in replayed)))
+    loader.set_epoch(0)
+    assert not torch.equal(torch.cat(reference), torch.cat([y for _, y in loader]))
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in replayed)
 
 

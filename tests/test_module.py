@@ -110,3 +110,40 @@ def test_paper_experiments_choose_bf16_explicitly_on_every_device(experiment):
     from lit_sharp.config import resolve_auto
 
     assert resolve_auto(compose_config(f"experiment={experiment}")).trainer.precision == "bf16-mixed"
+
+
+def test_compiled_sam_training_does_not_recompile_and_measurements_run_uncompiled():
+    # aot_eager: dynamo's graph capture and guards as with inductor (what decides recompiles), without inductor's
+    # C++ code generation, which takes minutes on a small CPU.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiles_before_step, compiles_after_first_forward = [], []
+
+    class CountCompiles(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            compiles_before_step.append(counters["frames"]["total"])
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            compiles_after_first_forward.append(counters["frames"]["total"])
+
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    model = preact_resnet18(width=4, blocks_per_stage=1)
+    module = ClassifierModule(model, lr=0.05, sam_rho=0.05, mixup_alpha=0.5, warmup_fraction=0.5, compile="aot_eager")
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[CountCompiles()])
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    after_training = counters["frames"]["total"]
+    # Pass 1 of step 0 compiled the model; nothing else did (pass 2, with BN frozen, reuses that graph).
+    assert compiles_after_first_forward[0] > 0
+    assert compiles_before_step[1:] + [after_training] == [compiles_after_first_forward[0]] * 6, compiles_before_step
+    assert model.bn.num_batches_tracked.item() == 6  # pass 1 moved BN once per step, pass 2 not at all
+
+    # End-of-training measurements: eval mode, another batch size, no gradient; the plain model answers.
+    with torch.no_grad():
+        eval_logits = module.eval()(x[:5])
+    assert counters["frames"]["total"] == after_training
+    torch.testing.assert_close(eval_logits, model(x[:5]))
+    assert set(module.state_dict()) == {f"model.{name}" for name in model.state_dict()}

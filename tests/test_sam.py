@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_sharp.sam import SAM, frozen_bn_stats
+from lit_sharp.sam import SAM, BatchNormStatsFreezer, frozen_bn_stats
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -361,19 +362,69 @@ def test_frozen_bn_still_normalizes_with_batch_statistics() -> None:
         assert torch.equal(getattr(bn, name), before), name
 
 
-def test_frozen_bn_restores_flags_even_on_exception() -> None:
+def test_frozen_bn_restores_statistics_even_on_exception_and_changes_no_attribute() -> None:
     tracking, cumulative = nn.BatchNorm1d(4), nn.BatchNorm1d(4, momentum=None)
     untracked = nn.BatchNorm1d(4, track_running_stats=False)
     model = nn.Sequential(tracking, cumulative, untracked)
+    attributes_before = [dict(vars(layer)) for layer in model]
     with pytest.raises(KeyError), frozen_bn_stats(model):
         model(torch.randn(8, 4))
-        assert not tracking.track_running_stats and not cumulative.track_running_stats
+        # No flag is switched (torch.compile guards on module attributes); the statistics move, then come back.
+        assert [dict(vars(layer)) for layer in model] == attributes_before
+        assert int(tracking.num_batches_tracked) == 1
         raise KeyError("boom")
     assert tracking.track_running_stats and cumulative.track_running_stats
     assert not untracked.track_running_stats
     assert int(tracking.num_batches_tracked) == 0 and int(cumulative.num_batches_tracked) == 0
     assert torch.equal(cumulative.running_mean, torch.zeros(4))
     assert torch.equal(cumulative.running_var, torch.ones(4))
+
+
+@contextlib.contextmanager
+def _untracked_bn(model: nn.Module):
+    """The former way of freezing: ``track_running_stats = False`` for the pass (the reference semantics)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+def test_freezer_matches_switching_tracking_off_bit_for_bit_over_several_sam_steps() -> None:
+    torch.manual_seed(0)
+    reference = _SmallBNNet()
+    frozen = copy.deepcopy(reference)
+    freezer = BatchNormStatsFreezer(frozen)
+    opts = [SAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9) for m in (reference, frozen)]
+    for x, y in _batches(4, seed=9):
+        for model, opt, freeze in ((reference, opts[0], lambda: _untracked_bn(reference)), (frozen, opts[1], freezer.frozen)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            with freeze():
+                F.cross_entropy(model(x), y).backward()
+            opt.second_step()
+    _assert_same_tensors(reference, frozen)
+    assert int(frozen.bn2d.num_batches_tracked) == 4
+
+
+def test_freezer_reuses_its_buffers_and_follows_a_dtype_change() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    freezer = BatchNormStatsFreezer(model)
+    with freezer.frozen():
+        model(torch.randn(8, 4))
+    first = list(freezer._saved)
+    with freezer.frozen():
+        model(torch.randn(8, 4))
+    assert all(a is b for a, b in zip(first, freezer._saved))  # no allocation in the steady state
+    model.double()
+    before = model[1].running_mean.clone()
+    with freezer.frozen():
+        model(torch.randn(8, 4, dtype=torch.float64))
+    assert freezer._saved[0].dtype == torch.float64 and torch.equal(model[1].running_mean, before)
 
 
 # ---------------------------------------------------------------------------------------------

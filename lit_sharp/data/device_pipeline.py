@@ -927,17 +927,16 @@ class DeviceTrainLoader:
         return num_images // self.batch_size if self.drop_last else math.ceil(num_images / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # The epoch is read now, not at the first next(): a set_epoch call after iter() must not change this pass.
+        # The epoch is read at the first next(), as a DataLoader reads its sampler: on resume, Lightning creates the
+        # iterator before it calls set_epoch with the resumed epoch (FitLoop.setup_data, then on_advance_start).
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.sampler.permutation()
         generator = None
         if self.augment:
             seed = derived_seed(AUGMENT_STREAM, self.seed, self.sampler.epoch)
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        return self._batches(order, generator)
-
-    def _batches(
-        self, order: torch.Tensor, generator: torch.Generator | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             images = self.images.index_select(0, index)

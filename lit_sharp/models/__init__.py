@@ -5,6 +5,15 @@ section 1); each is a plain ``nn.Module`` factory usable as a Hydra ``_target_``
 """
 
 from lit_sharp.models.preact_resnet import PreActResNet18, preact_resnet18
-from lit_sharp.models.vit import SimpleViT, simple_vit
+
+
+def __getattr__(name: str):
+    # Lazy, so that code using only the ResNet (e.g. bench/gpu_check.py) does not import the ViT's dependencies.
+    if name in ("SimpleViT", "simple_vit"):
+        from lit_sharp.models import vit
+
+        return getattr(vit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["PreActResNet18", "SimpleViT", "preact_resnet18", "simple_vit"]
