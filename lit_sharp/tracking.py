@@ -106,6 +106,7 @@ def sync_command(run_dir: Path) -> str:
 
 
 def _warn_offline(run_dir: Path, why: str) -> None:
+    why = " ".join(why.split())  # one line, whatever W&B's message holds
     log.warning("%s; logging offline under %s instead; upload later with: %s", why, Path(run_dir) / "wandb",
                 sync_command(run_dir))
 

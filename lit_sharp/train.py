@@ -147,7 +147,7 @@ def _evaluate_locked(cfg: DictConfig) -> dict[str, Any]:
 
 def _record_refusal(cfg: DictConfig, run_dir: Path, exc: UserError) -> None:
     """Write why a run was refused into its ``results.json``, unless the folder holds a finished run (kept as is)."""
-    if run_status(run_dir) in FINAL_STATUSES:
+    if run_status(run_dir) in FINAL_STATUSES or getattr(exc, "recorded", False):
         return
     record = make_record(name=run_dir.name, status="failed", seconds=0.0, wandb_id=None, hparams=hparams_of(cfg),
                          config=_plain(cfg), metrics={}, error=f"refused: {exc}")
@@ -309,6 +309,7 @@ def _measure(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer, module: pl.Lig
             error = f"measurement {key} failed: {type(exc).__name__}: {exc}"
             _record(cfg, run_dir, loggers, hparams, "failed", clock.seconds, metrics, error, measured=measured,
                     measuring=key)
+            exc.recorded = True  # type: ignore[attr-defined] - the record names the measurement; keep it
             raise
         metrics.update(results)
         measured.append(key)

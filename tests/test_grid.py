@@ -151,7 +151,7 @@ def test_a_killed_run_resumes_on_relaunch(synthetic_root, tmp_path):
 
 
 def _take_slot(lock_dir, queue, release):
-    with gpu_slot(2, 2, lock_dir=lock_dir, poll_seconds=0.05) as gpu:
+    with gpu_slot(["GPU-0", "GPU-1"], 2, lock_dir=lock_dir, poll_seconds=0.05) as gpu:
         queue.put(gpu)
         release.wait(60)
 
@@ -176,5 +176,5 @@ def test_gpu_slots_spread_runs_over_gpus_and_cap_runs_per_gpu(tmp_path):
     for process in [*holders, fifth]:
         process.join(timeout=60)
     with pytest.raises(ValueError, match="runs_per_gpu"):
-        with gpu_slot(1, 0, lock_dir=tmp_path):
+        with gpu_slot(["GPU-0"], 0, lock_dir=tmp_path):
             pass
