@@ -8,8 +8,7 @@ The same expansion here gives every run's folder, and each folder's state says w
 
 - ``completed`` / ``diverged``: its ``results.json`` says so;
 - ``running``: a live process owns the folder's lock (read from the lock's owner file; status takes no lock);
-- ``failed``: its ``results.json`` says so, with the reason (``--list`` prints it); a relaunch retries it. A folder
-  holding a run of another configuration is ``failed`` too (a launch would refuse it);
+- ``failed``: its ``results.json`` says so, with the reason (``--list`` prints it); a relaunch retries it;
 - ``resumable``: a checkpoint but no result and no process (a relaunch resumes it);
 - ``pending``: nothing yet.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -32,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from lit_sharp.cli import CONFIG_DIR
 from lit_sharp.locks import is_held
 from lit_sharp.results import ResultsError, read_results, run_status
-from lit_sharp.train import CHECKPOINT_DIR, IDENTITY_FILE, LAST_CHECKPOINT, RUN_LOCK, identity_of, run_dir_of
+from lit_sharp.train import CHECKPOINT_DIR, LAST_CHECKPOINT, RUN_LOCK, run_dir_of
 STATES = ("completed", "running", "resumable", "failed", "diverged", "pending")
 
 
@@ -63,40 +61,24 @@ def _with_values(root: DictConfig, combo: list[str]) -> DictConfig:
     return cfg
 
 
-def run_state(run_dir: Path, cfg: DictConfig | None = None) -> str:
-    """One of :data:`STATES` for the run folder ``run_dir`` (of the run ``cfg``, when given, to detect conflicts)."""
+def run_state(run_dir: Path) -> str:
+    """One of :data:`STATES` for the run folder ``run_dir``; reads files only, takes no lock."""
     status = run_status(run_dir)
-    if status in ("completed", "diverged") and not _conflict(run_dir, cfg):
+    if status in ("completed", "diverged"):
         return status
     if is_held(run_dir / RUN_LOCK):
         return "running"
-    if status is not None or _conflict(run_dir, cfg):
-        return "failed"
+    if status is not None:
+        return status
     return "resumable" if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() else "pending"
 
 
-def reason(run_dir: Path, cfg: DictConfig | None = None) -> str:
-    """Why a run is not finished, as its record (or its folder's identity) says; empty when nothing is known."""
-    if _conflict(run_dir, cfg):
-        return "the folder holds a run of another configuration (a launch refuses it; see its run_config.json)"
+def reason(run_dir: Path) -> str:
+    """Why a run failed, as its ``results.json`` says; empty when it says nothing."""
     try:
-        run = read_results(run_dir)["run"]
+        return str(read_results(run_dir)["run"].get("error") or "")
     except ResultsError:
         return ""
-    return str(run.get("error") or "")
-
-
-def _conflict(run_dir: Path, cfg: DictConfig | None) -> bool:
-    if cfg is None or not (run_dir / IDENTITY_FILE).is_file():
-        return False
-    try:
-        theirs = json.loads((run_dir / IDENTITY_FILE).read_text())
-    except (OSError, ValueError):
-        return True
-    mine = json.loads(json.dumps(identity_of(cfg), default=str))
-    # "auto" and null settings are resolved on the machine that trains, which may not be this one.
-    return any(theirs.get(key) != value for key, value in mine.items() if value not in ("auto", None)) \
-        or bool(set(theirs) - set(mine))
 
 
 def status(grid: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, list[Path]]:
@@ -112,8 +94,8 @@ def status_with_reasons(grid: str, overrides: list[str] | tuple[str, ...] = ()) 
     rows = []
     for cfg in expand(grid, overrides):
         run_dir = run_dir_of(cfg)
-        state = run_state(run_dir, cfg)
-        rows.append((run_dir, state, reason(run_dir, cfg) if state == "failed" else ""))
+        state = run_state(run_dir)
+        rows.append((run_dir, state, reason(run_dir) if state == "failed" else ""))
     return rows
 
 
