@@ -90,6 +90,9 @@ class AdaptiveSharpness(Callback):
         loss_fn: ``loss_fn(logits, targets) -> scalar tensor``; None: mean cross-entropy.
         batch_transform: ``batch -> (inputs, targets)``; None: a batch must be an ``(inputs, targets)`` pair.
         forward_fn: ``forward_fn(model, inputs) -> logits``; None: ``model(inputs)``.
+        measure_at_end: measure once training ends. False leaves the final measurement to the caller (lit_sharp's
+            own runs measure after ``fit``, so that a measurement killed midway is retried on relaunch) while the
+            schedule still draws the curve during training.
 
     Raises:
         ValueError: an unknown preset or malformed spec name (naming the field: ``kind``, ``norm``, ``rho``, ...),
@@ -134,6 +137,7 @@ class AdaptiveSharpness(Callback):
         loss_fn: LossFn | None = None,
         batch_transform: BatchTransform | None = None,
         forward_fn: ForwardFn | None = None,
+        measure_at_end: bool = True,
     ) -> None:
         self.specs = _resolve_specs(specs)
         if dataloader is not None and not isinstance(dataloader, Iterable):
@@ -155,6 +159,7 @@ class AdaptiveSharpness(Callback):
         self.loss_fn = loss_fn
         self.batch_transform = batch_transform
         self.forward_fn = forward_fn
+        self.measure_at_end = bool(measure_at_end)
         self.results: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self._batches: list[tuple[Any, Tensor]] | None = None
@@ -202,6 +207,8 @@ class AdaptiveSharpness(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure the trained model, unless the last measurement was of these very weights."""
+        if not self.measure_at_end:
+            return
         if not self._done(trainer.global_step) or not self.results:
             self._measure_in_fit(trainer, pl_module, final=True)
 

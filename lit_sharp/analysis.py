@@ -163,11 +163,16 @@ def completed(records: Iterable[Record]) -> list[Record]:
 
 
 def by_model(records: Iterable[Record]) -> dict[str, list[Record]]:
-    """Group records by ``hparams.model``, models in sorted order."""
+    """Group records by ``hparams.model`` (ASAM runs apart, as ``<model>_asam``), models in sorted order."""
     groups: dict[str, list[Record]] = defaultdict(list)
     for record in records:
-        groups[record["hparams"]["model"]].append(record)
+        groups[model_key(record["hparams"])].append(record)
     return dict(sorted(groups.items()))
+
+
+def model_key(hparams: Mapping[str, Any]) -> str:
+    """The architecture, with ``_asam`` for ASAM runs: SAM and ASAM minimise different objectives, never pooled."""
+    return str(hparams["model"]) + ("_asam" if hparams.get("sam_adaptive") else "")
 
 
 def split_by_train_err(
@@ -1046,7 +1051,7 @@ def _draw_all_figures(kept: Sequence[Record], requested: Sequence[str], out_dir:
     extra = [name.removeprefix(SHARPNESS_PREFIX) for name in requested]
     figures: list[Path] = []
     for model, model_kept in by_model(kept).items():
-        measures = list(dict.fromkeys([*HEADLINE_MEASURES.get(model, ()), *extra]))
+        measures = list(dict.fromkeys([*HEADLINE_MEASURES.get(model.removesuffix("_asam"), ()), *extra]))
         paths, notes = draw_figures(model_kept, model, measures, out_dir)
         for note in notes:
             log.info(note)

@@ -1,66 +1,112 @@
-"""Sharing the visible GPUs among concurrent runs: ``runs_per_gpu`` slots per GPU, one file lock per slot.
+"""Sharing the visible GPUs among concurrent runs: ``runs_per_gpu`` slots per GPU, one lock per slot.
 
 A process-pool launcher starts runs without telling them which GPU to use; each run takes the first free slot
-(a lock that dies with its process, so a killed run frees its slot) and trains on that slot's GPU. The locks live in
-the machine's temporary folder and are named by the physical GPU id, so runs of several launches on one machine
-share the same slots while SLURM jobs on other nodes do not see them.
+(a lock that dies with its process, so a killed run frees its slot) and trains on that slot's GPU. Slot locks are
+named by the GPU's UUID, which is the same for every process that sees that GPU whatever ``CUDA_VISIBLE_DEVICES``
+says: under SLURM with cgroup-isolated GPUs every job sees its GPU as device 0, and index-named locks would make jobs
+on different GPUs of one node wait for each other. A job to which SLURM assigned its own GPUs and which runs one run
+(the submitit SLURM launcher) needs no slot at all.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import socket
+import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from lit_sharp.locks import LockBusy, default_lock_dir, hold
 
 log = logging.getLogger(__name__)
 
+#: Variables through which SLURM tells a job which GPUs it was given.
+SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
 
-def physical_gpu_ids(n_visible: int) -> list[str]:
-    """Names of the visible GPUs as the machine knows them (``CUDA_VISIBLE_DEVICES`` order), for lock names."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        ids = [part.strip() for part in visible.split(",") if part.strip()]
-        if len(ids) >= n_visible:
-            return ids[:n_visible]
-    return [str(i) for i in range(n_visible)]
+
+def scheduler_owns_gpus(env: Mapping[str, str]) -> bool:
+    """Whether the scheduler already gave this process GPUs of its own, so no slot is needed.
+
+    True for a SLURM job with SLURM-assigned GPUs that runs a single run (the submitit SLURM launcher sets
+    ``SUBMITIT_EXECUTOR=slurm``). A process pool inside one SLURM allocation still shares that allocation's GPUs
+    through slots.
+    """
+    return bool(env.get("SLURM_JOB_ID")) and any(env.get(name) for name in SLURM_GPU_VARIABLES) \
+        and env.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def gpu_uuids(n_visible: int) -> list[str]:
+    """The UUIDs of the visible GPUs in CUDA's order (``torch.cuda.get_device_properties(i).uuid``)."""
+    import torch
+
+    uuids = []
+    for index in range(n_visible):
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        uuids.append(str(uuid) if uuid is not None else _uuid_from_nvidia_smi(index))
+    return uuids
+
+
+def _uuid_from_nvidia_smi(index: int) -> str:
+    visible = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+    physical = visible[index] if index < len(visible) else str(index)
+    if physical.startswith(("GPU-", "MIG-")):
+        return physical
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader", "-i", physical],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # Last resort: unique on this host, which is where a slot's users are.
+    return f"{socket.gethostname()}-gpu{physical}"
+
+
+def slot_lock_names(uuids: list[str], runs_per_gpu: int) -> list[tuple[int, str]]:
+    """``(GPU index, lock file name)`` of every slot, each GPU's first slot before any second one.
+
+    Raises:
+        ValueError: no GPU or ``runs_per_gpu < 1``.
+    """
+    if not uuids or runs_per_gpu < 1:
+        raise ValueError(f"need n_gpus >= 1 and runs_per_gpu >= 1, got {len(uuids)} and {runs_per_gpu}")
+    return [(gpu, f"{uuid}-slot{slot}.lock") for slot in range(runs_per_gpu) for gpu, uuid in enumerate(uuids)]
 
 
 @contextmanager
-def gpu_slot(n_gpus: int, runs_per_gpu: int, *, lock_dir: Path | None = None,
+def gpu_slot(uuids: list[str], runs_per_gpu: int, *, lock_dir: Path | None = None, lock_mode: str = "auto",
              poll_seconds: float = 5.0) -> Iterator[int]:
-    """Hold one of ``n_gpus * runs_per_gpu`` slots for the duration of the block; yields the GPU index to use.
+    """Hold one of ``len(uuids) * runs_per_gpu`` slots for the duration of the block; yields the GPU index to use.
 
     Slots are tried GPU by GPU, filling each GPU's first slot before any second one, so runs spread over the GPUs.
     When all are taken, it waits (logging once) until one frees.
 
+    Args:
+        uuids: the visible GPUs' UUIDs (:func:`gpu_uuids`), in CUDA's order.
+        runs_per_gpu: slots per GPU.
+        lock_dir: where the slot locks live (default :func:`~lit_sharp.locks.default_lock_dir`).
+        lock_mode: see :func:`lit_sharp.locks.hold`.
+        poll_seconds: how often a waiting run retries.
+
     Raises:
-        ValueError: ``n_gpus < 1`` or ``runs_per_gpu < 1``.
+        ValueError: no GPU or ``runs_per_gpu < 1``.
     """
-    if n_gpus < 1 or runs_per_gpu < 1:
-        raise ValueError(f"need n_gpus >= 1 and runs_per_gpu >= 1, got {n_gpus} and {runs_per_gpu}")
-    lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"lit_sharp_gpu_slots_{os.getuid()}"
+    slots = slot_lock_names(uuids, runs_per_gpu)
+    lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
     lock_dir.mkdir(parents=True, exist_ok=True)
-    ids = physical_gpu_ids(n_gpus)
-    slots = [(slot, gpu) for slot in range(runs_per_gpu) for gpu in range(n_gpus)]
     waited = False
     while True:
-        for slot, gpu in slots:
-            lock = FileLock(str(lock_dir / f"gpu{ids[gpu]}-slot{slot}.lock"))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            try:
+        for gpu, name in slots:
+            with ExitStack() as held:
+                try:
+                    held.enter_context(hold(lock_dir / name, mode=lock_mode))
+                except LockBusy:
+                    continue
                 yield gpu
-            finally:
-                lock.release()
-            return
+                return
         if not waited:
             log.info("all %d GPU slots are busy; waiting for one to free", len(slots))
             waited = True

@@ -1,10 +1,14 @@
 """What a grid is made of and how far it has got: ``python -m lit_sharp.grid status GRID [overrides...]``.
 
-A grid is a ``configs/grid/<name>.yaml`` whose ``hydra.sweeper.params`` Hydra's basic sweeper expands into runs.
+``python -m lit_sharp.grid sync GRID [overrides...]`` uploads the grid's offline W&B runs (run it where there is
+internet, e.g. a cluster's login node).
+
+A grid is a ``lit_sharp/configs/grid/<name>.yaml`` whose ``hydra.sweeper.params`` Hydra's basic sweeper expands into runs.
 The same expansion here gives every run's folder, and each folder's state says where the run stands:
 
-- ``completed`` / ``diverged`` / ``failed``: its ``results.json`` says so (``failed`` runs are trained again on relaunch);
-- ``running``: a process holds the folder's lock;
+- ``completed`` / ``diverged``: its ``results.json`` says so;
+- ``running``: a live process owns the folder's lock (read from the lock's owner file; status takes no lock);
+- ``failed``: its ``results.json`` says so, with the reason (``--list`` prints it); a relaunch retries it;
 - ``resumable``: a checkpoint but no result and no process (a relaunch resumes it);
 - ``pending``: nothing yet.
 """
@@ -13,20 +17,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from lit_sharp.cli import CONFIG_DIR
+from lit_sharp.locks import is_held
 from lit_sharp.results import ResultsError, read_results, run_status
-from lit_sharp.train import CHECKPOINT_DIR, LAST_CHECKPOINT, run_dir_of
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from lit_sharp.train import CHECKPOINT_DIR, LAST_CHECKPOINT, RUN_LOCK, run_dir_of
 STATES = ("completed", "running", "resumable", "failed", "diverged", "pending")
 
 
@@ -58,27 +62,46 @@ def _with_values(root: DictConfig, combo: list[str]) -> DictConfig:
 
 
 def run_state(run_dir: Path) -> str:
-    """One of :data:`STATES` for the run folder ``run_dir``."""
+    """One of :data:`STATES` for the run folder ``run_dir``; reads files only, takes no lock."""
     status = run_status(run_dir)
+    if status in ("completed", "diverged"):
+        return status
+    if is_held(run_dir / RUN_LOCK):
+        return "running"
     if status is not None:
         return status
-    lock = run_dir / ".lock"
-    if lock.exists():
-        try:
-            with FileLock(str(lock), timeout=0):
-                pass
-        except Timeout:
-            return "running"
     return "resumable" if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() else "pending"
+
+
+def reason(run_dir: Path) -> str:
+    """Why a run failed, as its ``results.json`` says; empty when it says nothing."""
+    try:
+        return str(read_results(run_dir)["run"].get("error") or "")
+    except ResultsError:
+        return ""
 
 
 def status(grid: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, list[Path]]:
     """Run folders of ``grid`` grouped by state."""
     by_state: dict[str, list[Path]] = {state: [] for state in STATES}
+    for run_dir, state, _ in status_with_reasons(grid, overrides):
+        by_state[state].append(run_dir)
+    return by_state
+
+
+def status_with_reasons(grid: str, overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[Path, str, str]]:
+    """``(run folder, state, reason)`` of every run of ``grid``; reads files only, takes no lock."""
+    rows = []
     for cfg in expand(grid, overrides):
         run_dir = run_dir_of(cfg)
-        by_state[run_state(run_dir)].append(run_dir)
-    return by_state
+        state = run_state(run_dir)
+        rows.append((run_dir, state, reason(run_dir) if state == "failed" else ""))
+    return rows
+
+
+def offline_wandb_runs(grid: str, overrides: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """The offline W&B run folders of every run of ``grid``."""
+    return [path for cfg in expand(grid, overrides) for path in sorted(run_dir_of(cfg).glob("wandb/offline-run-*"))]
 
 
 def progress_line(by_state: dict[str, list[Path]]) -> str:
@@ -122,26 +145,48 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("status", help="count the runs of a grid by state")
-    show.add_argument("grid", help="a name in configs/grid/, e.g. paper_resnet18")
-    show.add_argument("overrides", nargs="*", help="the overrides the grid was launched with, e.g. paths.root=/scratch/runs")
-    show.add_argument("--list", action="store_true", help="also print every run folder that is not completed")
+    sync = sub.add_parser("sync", help="upload the grid's offline W&B runs (needs internet and a W&B login)")
+    for each in (show, sync):
+        each.add_argument("grid", help="a name in lit_sharp/configs/grid/, e.g. paper_resnet18")
+        each.add_argument("overrides", nargs="*",
+                          help="the overrides the grid was launched with, e.g. paths.root=/scratch/runs")
+    show.add_argument("--list", action="store_true", help="also print every run folder that is not completed, "
+                      "with the reason of the failed ones")
+    sync.add_argument("--dry-run", action="store_true", help="print the wandb sync command instead of running it")
     args = parser.parse_args(argv)
     available = sorted(path.stem for path in (CONFIG_DIR / "grid").glob("*.yaml"))
     if args.grid not in available:
         print(f"error: unknown grid {args.grid!r}; available: {', '.join(available)}", file=sys.stderr)
         return 2
-    by_state = status(args.grid, args.overrides)
-    total = sum(len(runs) for runs in by_state.values())
-    counts = Counter({state: len(runs) for state, runs in by_state.items()})
-    print(f"grid {args.grid}: {total} runs")
+    if args.command == "sync":
+        return _sync(args.grid, args.overrides, dry_run=args.dry_run)
+    rows = status_with_reasons(args.grid, args.overrides)
+    counts = Counter(state for _, state, _ in rows)
+    print(f"grid {args.grid}: {len(rows)} runs")
+    by_state: dict[str, list[Path]] = {state: [] for state in STATES}
+    for run_dir, state, _ in rows:
+        by_state[state].append(run_dir)
     print(progress_line(by_state))
     for state in STATES:
         print(f"  {state:<10} {counts[state]}")
     if args.list:
         for state in STATES[1:]:
-            for run_dir in by_state[state]:
-                print(f"{state:<10} {run_dir}")
+            for run_dir, row_state, why in rows:
+                if row_state == state:
+                    print(f"{state:<10} {run_dir}" + (f": {why}" if why else ""))
     return 0
+
+
+def _sync(grid: str, overrides: list[str], *, dry_run: bool) -> int:
+    runs = offline_wandb_runs(grid, overrides)
+    if not runs:
+        print(f"grid {grid}: no offline W&B runs to upload")
+        return 0
+    command = [sys.executable, "-m", "wandb", "sync", *map(str, runs)]
+    if dry_run:
+        print(" ".join(command))
+        return 0
+    return subprocess.run(command, check=False).returncode
 
 
 if __name__ == "__main__":

@@ -178,6 +178,21 @@ class ClassifierModule(pl.LightningModule):
 
     def _stop_if_diverged(self, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss.detach())
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-        if (self.global_step + 1) % self.hparams.check_finite_every == 0 and self._nonfinite.item():
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) | bad
+        # The last step is always read: a NaN in the final steps must not pass as a finished run.
+        step = self.global_step + 1
+        if (step % self.hparams.check_finite_every == 0 or step >= self.total_steps) and self._nonfinite.item():
             raise Diverged(f"training loss became non-finite ({loss.item()}) by step {self.global_step}")
+
+    def check_finite(self) -> None:
+        """Raise :class:`Diverged` if any loss seen so far (this process or before the resume) was NaN/inf."""
+        if self._nonfinite is not None and bool(self._nonfinite.item()):
+            raise Diverged(f"training loss became non-finite by step {self.global_step}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A non-finite loss seen since the last read must survive a resume, or the resumed run would forget it.
+        checkpoint["nonfinite_loss_seen"] = self._nonfinite is not None and bool(self._nonfinite.item())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("nonfinite_loss_seen"):
+            self._nonfinite = torch.tensor(True)

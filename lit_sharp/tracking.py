@@ -1,7 +1,13 @@
-"""Experiment tracking: W&B (offline without an account, online with one switch) or CSV files."""
+"""Experiment tracking: W&B (offline without an account, online with one switch) or CSV files.
+
+W&B never costs a run: when an online W&B run cannot start (no network, a bad key, a server error; W&B gives up
+after ``WANDB_INIT_TIMEOUT`` seconds, 90 by default) or fails at the end, the run goes on with an offline W&B run of
+the same id under the run folder, and one warning gives the ``wandb sync`` command that uploads it later.
+"""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import secrets
@@ -13,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
 WANDB_ID_FILE = "wandb_id.txt"
+log = logging.getLogger(__name__)
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -60,23 +67,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, tags: list[str]
     if kind == "csv":
         return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
     mode = resolve_wandb_mode(cfg.logger.mode)
-    extra: dict[str, Any] = {}
-    if cfg.logger.get("entity"):
-        extra["entity"] = cfg.logger.entity
-    logger = WandbLogger(
-        name=run_name,
-        save_dir=str(run_dir),
-        id=wandb_run_id(run_dir),
-        project=cfg.logger.project,
-        group=cfg.logger.group,
-        tags=list(cfg.logger.get("tags") or []) + tags,
-        job_type=job_type,
-        mode=mode,
-        resume="allow",
-        **extra,
+    init: dict[str, Any] = dict(
+        name=run_name, save_dir=str(run_dir), id=wandb_run_id(run_dir), project=cfg.logger.project,
+        group=cfg.logger.group, tags=list(cfg.logger.get("tags") or []) + tags, job_type=job_type, resume="allow",
     )
-    # Lightning passes ``anonymous`` to wandb.init even when unset, and W&B warns that the setting is deprecated.
-    logger._wandb_init.pop("anonymous", None)
+    if cfg.logger.get("entity"):
+        init["entity"] = cfg.logger.entity
+    logger = _wandb(init, mode)
+    if mode == "online":
+        try:
+            logger.experiment  # noqa: B018 - starts the W&B run now, so a failure is caught here
+        except Exception as exc:  # noqa: BLE001 - whatever W&B raises, the run must go on
+            _warn_offline(run_dir, f"W&B could not start online ({type(exc).__name__}: {exc})")
+            _forget_failed_run()
+            logger = _wandb(init, "offline")
     if job_type == "train":
         define_validation_metrics(logger)
     return [logger]
@@ -90,6 +94,35 @@ def define_validation_metrics(logger: WandbLogger) -> None:
     run = logger.experiment
     run.define_metric("epoch")
     run.define_metric("val/*", step_metric="epoch", summary="min,last")
+
+
+def _wandb(init: dict[str, Any], mode: str) -> WandbLogger:
+    logger = WandbLogger(mode=mode, **init)
+    # Lightning passes ``anonymous`` to wandb.init even when unset, and W&B warns that the setting is deprecated.
+    logger._wandb_init.pop("anonymous", None)
+    logger.lit_sharp_init = dict(init)  # to restart the same W&B run offline if the online one breaks later
+    return logger
+
+
+def _forget_failed_run() -> None:
+    # W&B's service keeps a failed run's id registered ("run ID is in use"); a fresh service forgets it.
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - a broken service is what we are getting rid of
+        pass
+
+
+def sync_command(run_dir: Path) -> str:
+    """The command that uploads a run folder's offline W&B runs (run it where there is internet)."""
+    return f"wandb sync {Path(run_dir) / 'wandb'}/offline-run-*"
+
+
+def _warn_offline(run_dir: Path, why: str) -> None:
+    why = " ".join(why.split())  # one line, whatever W&B's message holds
+    log.warning("%s; logging offline under %s instead; upload later with: %s", why, Path(run_dir) / "wandb",
+                sync_command(run_dir))
 
 
 def wandb_logger(loggers: list[Logger]) -> WandbLogger | None:
@@ -113,14 +146,33 @@ def wandb_location(loggers: list[Logger]) -> str | None:
 def finish_wandb(loggers: list[Logger], summary: dict[str, Any], exit_code: int = 0) -> str | None:
     """Write ``summary`` into the W&B run summary and close the run (so the next run in this process is separate).
 
+    If the W&B run fails here (the server went away mid-run), the summary goes into an offline W&B run of the same
+    id instead (see the module docstring).
+
     Returns:
         The W&B run id, or None without W&B.
+
+    Raises:
+        Exception: whatever W&B raised when even the offline run cannot be written (the run must then be retried).
     """
     logger = wandb_logger(loggers)
     if logger is None:
         return None
-    run = logger.experiment
+    try:
+        run = logger.experiment
+        run.summary.update(summary)
+        run_id = run.id
+        run.finish(exit_code=exit_code)
+        return run_id
+    except Exception as exc:  # noqa: BLE001 - fall back to offline files below
+        init = getattr(logger, "lit_sharp_init", None)
+        if init is None:
+            raise
+        _warn_offline(Path(init["save_dir"]), f"W&B failed while closing the run ({type(exc).__name__}: {exc})")
+    import wandb
+
+    _forget_failed_run()
+    run = wandb.init(mode="offline", dir=init["save_dir"], **{k: v for k, v in init.items() if k != "save_dir"})
     run.summary.update(summary)
-    run_id = run.id
     run.finish(exit_code=exit_code)
-    return run_id
+    return init["id"]

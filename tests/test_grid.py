@@ -97,7 +97,7 @@ def test_smoke_grid_on_submitit_local(synthetic_root, tmp_path):
 def _hold(path, ready, release):
     with FileLock(str(path)):
         ready.set()
-        release.wait(60)
+        release.wait(600)
 
 
 def test_a_run_locked_by_another_process_is_not_trained_twice(synthetic_root, tmp_path):
@@ -151,9 +151,9 @@ def test_a_killed_run_resumes_on_relaunch(synthetic_root, tmp_path):
 
 
 def _take_slot(lock_dir, queue, release):
-    with gpu_slot(2, 2, lock_dir=lock_dir, poll_seconds=0.05) as gpu:
+    with gpu_slot(["GPU-0", "GPU-1"], 2, lock_dir=lock_dir, poll_seconds=0.05) as gpu:
         queue.put(gpu)
-        release.wait(60)
+        release.wait(600)
 
 
 def test_gpu_slots_spread_runs_over_gpus_and_cap_runs_per_gpu(tmp_path):
@@ -176,7 +176,7 @@ def test_gpu_slots_spread_runs_over_gpus_and_cap_runs_per_gpu(tmp_path):
     for process in [*holders, fifth]:
         process.join(timeout=60)
     with pytest.raises(ValueError, match="runs_per_gpu"):
-        with gpu_slot(1, 0, lock_dir=tmp_path):
+        with gpu_slot(["GPU-0"], 0, lock_dir=tmp_path):
             pass
 
 

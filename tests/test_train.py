@@ -29,7 +29,7 @@ def test_run_writes_the_record_and_the_wandb_offline_run(synthetic_root, tmp_pat
     assert on_disk == json.loads(json.dumps(record))
     assert on_disk["run"]["status"] == "completed"
     assert on_disk["hparams"] == {"model": "resnet18", "lr": 0.05, "sam_rho": 0.05, "mixup_alpha": 0.5,
-                                  "augment": True, "seed": 0}
+                                  "augment": True, "seed": 0, "sam_adaptive": False}
     assert on_disk["config"]["model.width"] == 4 and on_disk["config"]["trainer.max_epochs"] == 1
     for key in ("final/train_err", "final/test_err"):
         assert 0.0 <= on_disk["metrics"][key] <= 1.0
@@ -124,13 +124,13 @@ def test_interrupted_run_resumes_to_the_same_model(synthetic_root, tmp_path, mon
                 raise KeyError("simulated crash")
 
     cut = compose_config(*tiny_run_overrides(synthetic_root, tmp_path / "cut"), *overrides)
-    build = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*build(cfg), Crash()])
+    build = train_module.build_named_callbacks
+    monkeypatch.setattr(train_module, "build_named_callbacks", lambda cfg: {**build(cfg), "crash": Crash()})
     with pytest.raises(KeyError):
         run(cut)
     assert read_results(run_dir_of(cut))["run"]["status"] == "failed"
     assert "simulated crash" in read_results(run_dir_of(cut))["run"]["error"]
-    monkeypatch.setattr(train_module, "build_callbacks", build)
+    monkeypatch.setattr(train_module, "build_named_callbacks", build)
     run(cut)  # relaunch: resumes from the end-of-epoch-0 checkpoint
 
     a = torch.load(run_dir_of(whole) / "checkpoints" / "last.ckpt", weights_only=False)

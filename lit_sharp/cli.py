@@ -1,0 +1,106 @@
+"""The training command: ``python -m lit_sharp [overrides]`` (``python train.py`` in a checkout), one run or a grid.
+
+One run: a user error (bad config, missing data, a run folder holding another configuration) prints one line and
+exits 2; a bug keeps its traceback. A grid (``-m``): no run stops the others. Each job that fails or is refused
+writes its reason into its run's ``results.json`` and into ``outcome.json`` in its Hydra job folder, and ends
+normally; when the grid is done, :class:`GridReport` prints one line counting the failures and the command exits 1.
+This holds on every launcher, since the outcome files are read from the sweep folder, wherever the jobs ran.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from lit_sharp.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+OUTCOME_FILE = "outcome.json"
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Train (or evaluate) the run ``cfg`` describes; see the module docstring for what failures do."""
+    from lit_sharp.train import run
+
+    in_grid = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        record = run(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if not in_grid:
+            sys.exit(2)
+        _write_outcome("refused", str(exc))
+        return
+    except Exception as exc:
+        if not in_grid:
+            raise
+        log.exception("run failed")  # the traceback goes to the job's log; the grid goes on
+        _write_outcome("failed", f"{type(exc).__name__}: {exc}")
+        return
+    if in_grid:
+        run_info = record.get("run", {})
+        _write_outcome(str(run_info.get("status")), run_info.get("error"))
+
+
+def _write_outcome(status: str, error: str | None) -> None:
+    hydra_cfg = HydraConfig.get()
+    outcome = {"status": status, "error": error, "overrides": list(hydra_cfg.overrides.task)}
+    path = Path(hydra_cfg.runtime.output_dir) / OUTCOME_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(outcome, indent=2))
+
+
+def read_outcomes(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The outcome of every job of a grid launch (its sweep folder)."""
+    outcomes = []
+    for path in sorted(Path(sweep_dir).glob(f"*/{OUTCOME_FILE}")):
+        try:
+            outcomes.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            outcomes.append({"status": "failed", "error": f"unreadable {path}"})
+    return outcomes
+
+
+def failure_line(outcomes: list[dict[str, Any]], n_jobs: int) -> str | None:
+    """One line counting the failed, refused and unreported jobs of a grid launch, or None when all went well."""
+    failed = sum(outcome["status"] == "failed" for outcome in outcomes)
+    refused = sum(outcome["status"] == "refused" for outcome in outcomes)
+    silent = max(n_jobs - len(outcomes), 0)
+    if failed + refused + silent == 0:
+        return None
+    parts = [f"{failed} failed"] + ([f"{refused} refused"] if refused else []) + \
+        ([f"{silent} ended without an outcome"] if silent else [])
+    return f"error: {failed + refused + silent} of {n_jobs} runs did not finish ({', '.join(parts)})"
+
+
+def status_command(config: DictConfig) -> str:
+    """The ``grid status`` command that lists this launch's runs with the reasons of the failed ones."""
+    overrides = [str(o) for o in config.hydra.overrides.task]
+    grid = next((o.split("=", 1)[1] for o in overrides if o.startswith("grid=")), "GRID")
+    rest = " ".join(o for o in overrides if not o.startswith("grid="))
+    return f"python -m lit_sharp.grid status {grid} {rest} --list".replace("  ", " ")
+
+
+class GridReport(Callback):
+    """At the end of a grid, one line counting the runs that failed or were refused, and exit status 1 if any."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        n_jobs = sum(1 for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()) \
+            if sweep_dir.is_dir() else 0
+        line = failure_line(read_outcomes(sweep_dir), n_jobs)
+        if line is None:
+            return
+        print(f"{line}; see {status_command(config)}", file=sys.stderr)
+        sys.exit(1)  # SystemExit passes through Hydra's callback and error handling
