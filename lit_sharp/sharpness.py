@@ -6,7 +6,8 @@ Kwon et al. 2021; ``1`` for standard sharpness):
 
 - average case: ``E_xi[L_B(w + rho * c * xi) - L_B(w)]``, ``xi ~ N(0, I)`` (l2) or ``U(-1, 1)^p`` (linf);
 - worst case: ``max_{||delta / c||_p <= rho} L_B(w + delta) - L_B(w)``, estimated with Auto-PGD in weight space
-  (Croce and Hein 2020), 20 steps from ``delta = 0``.
+  (Croce and Hein 2020), 20 steps from ``delta = 0``, exactly as the released code does it (a spec name means that
+  algorithm; ``method="steepest"`` is a stronger maximizer for adaptive l2, with its own name).
 
 Sharpness is the mean of the per-batch values (m-sharpness with m the batch size). Pure torch: the Lightning
 callback in ``callbacks/sharpness.py`` is a thin wrapper around :func:`sharpness`.
@@ -39,6 +40,11 @@ __all__ = [
 
 KINDS = ("worst", "average")
 NORMS = ("linf", "l2")
+#: Maximizers of the worst case: ``"released"`` is the paper's algorithm (what a spec name means);
+#: ``"steepest"`` steps along the steepest ascent of the ellipsoid's geometry (adaptive l2 only, where it differs).
+METHODS = ("released", "steepest")
+#: Draws per batch of the average case, as in the released CIFAR-10 script (``--n_iters=20``).
+PAPER_N_SAMPLES = 20
 
 #: Auto-PGD constants of the released code (Croce and Hein 2020): momentum coefficient, the fraction of
 #: iterations between two checkpoints that must improve the best value to keep the step size, the factor
@@ -51,11 +57,17 @@ APGD_INITIAL_STEP = 2.0
 DEFAULT_SEED = 0
 _LOGIT_NORM_FLOOR = 1e-10
 _GRAD_NORM_EPS = 1e-12
+#: Newton steps on the secular equation of the ellipsoid projection. Started at mu = 0 the iterates increase
+#: monotonically to the root (1 / ||x(mu)|| is concave); the point an APGD step projects lies within 3 rho of the
+#: center, and 30 steps reach the root to float precision on trained networks, with a final radial rescaling that
+#: makes the result feasible whatever the count.
+_ELLIPSOID_NEWTON_STEPS = 30
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _NAME_PATTERN = re.compile(
-    r"^(?:sharpness/)?(?P<kind>[a-z0-9]+)_(?P<norm>[a-z0-9]+)_(?P<scale>adaptive|standard)(?P<ln>_ln)?_rho(?P<rho>.+)$"
+    r"^(?:sharpness/)?(?P<kind>[a-z0-9]+)_(?P<norm>[a-z0-9]+)_(?P<scale>adaptive|standard)(?P<ln>_ln)?"
+    r"_rho(?P<rho>.+?)(?:_(?P<method>steepest))?$"
 )
 
 
@@ -71,7 +83,12 @@ class SharpnessSpec:
         adaptive: ``c = |w|`` (elementwise adaptive sharpness) if True, else ``c = 1``.
         normalize_logits: center each example's logits and divide them by their L2 norm before the loss.
         n_iters: Auto-PGD iterations per batch (worst case).
-        n_samples: perturbations drawn per batch (average case).
+        n_samples: perturbations drawn per batch (average case); 20 as in the released CIFAR-10 script.
+        method: the worst-case maximizer. ``"released"`` (default) is the paper's algorithm, the one a name without
+            suffix means. ``"steepest"`` (worst-case adaptive l2 only, the one definition where the two differ)
+            steps along the steepest ascent direction of the ellipsoid ``||delta / c||_2 <= rho`` and finds higher
+            values: a stronger but different measure, not comparable with the paper's tables; its name ends in
+            ``_steepest``.
 
     Raises:
         ValueError: a field outside its domain; the message names the field.
@@ -83,7 +100,8 @@ class SharpnessSpec:
     adaptive: bool = True
     normalize_logits: bool = False
     n_iters: int = 20
-    n_samples: int = 100
+    n_samples: int = PAPER_N_SAMPLES
+    method: str = "released"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -102,35 +120,47 @@ class SharpnessSpec:
             value = getattr(self, count)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SharpnessSpec.{count} must be an integer >= 1, got {value!r}")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"SharpnessSpec.method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "steepest" and (self.kind, self.norm, self.adaptive) != ("worst", "l2", True):
+            # Elsewhere the steepest ascent step is the released one: a second name would duplicate a measure.
+            raise ValueError(
+                "SharpnessSpec.method='steepest' only differs from the released algorithm for worst-case adaptive "
+                f"l2 sharpness; got kind={self.kind!r}, norm={self.norm!r}, adaptive={self.adaptive}"
+            )
 
     @property
     def name(self) -> str:
-        """The metric name, e.g. ``worst_linf_adaptive_ln_rho0.002`` (design.md)."""
+        """The metric name, e.g. ``worst_linf_adaptive_ln_rho0.002`` (design.md); ``..._steepest`` for that method."""
         scale = "adaptive" if self.adaptive else "standard"
         ln = "_ln" if self.normalize_logits else ""
-        return f"{self.kind}_{self.norm}_{scale}{ln}_rho{self.rho:g}"
+        suffix = "_steepest" if self.method == "steepest" else ""
+        return f"{self.kind}_{self.norm}_{scale}{ln}_rho{self.rho:g}{suffix}"
 
     @classmethod
-    def from_name(cls, name: str, *, n_iters: int = 20, n_samples: int = 100) -> SharpnessSpec:
+    def from_name(cls, name: str, *, n_iters: int = 20, n_samples: int = PAPER_N_SAMPLES) -> SharpnessSpec:
         """Parse a metric name back into a spec (the inverse of :attr:`name`).
 
         Args:
             name: e.g. ``"worst_linf_adaptive_ln_rho0.002"``; a leading ``"sharpness/"`` is accepted.
             n_iters: Auto-PGD iterations (not part of the name).
-            n_samples: average-case draws (not part of the name).
+            n_samples: average-case draws (not part of the name); 20, as the paper's presets.
 
         Returns:
             The spec whose ``name`` is ``name`` (up to the formatting of rho).
 
         Raises:
-            ValueError: ``name`` does not have the form ``<kind>_<norm>_<adaptive|standard>[_ln]_rho<rho>``,
-                or one of its fields is invalid.
+            ValueError: ``name`` does not have the form
+                ``<kind>_<norm>_<adaptive|standard>[_ln]_rho<rho>[_steepest]``, or one of its fields is invalid.
         """
         match = _NAME_PATTERN.match(name) if isinstance(name, str) else None
         if match is None:
             raise ValueError(
-                f"cannot parse sharpness name {name!r}: expected '<kind>_<norm>_<adaptive|standard>[_ln]_rho<rho>', "
-                "e.g. 'worst_linf_adaptive_ln_rho0.002'"
+                f"cannot parse sharpness name {name!r}: expected "
+                "'<kind>_<norm>_<adaptive|standard>[_ln]_rho<rho>[_steepest]', e.g. 'worst_linf_adaptive_ln_rho0.002'"
             )
         try:
             rho = float(match["rho"])
@@ -144,6 +174,7 @@ class SharpnessSpec:
             normalize_logits=match["ln"] is not None,
             n_iters=n_iters,
             n_samples=n_samples,
+            method=match["method"] or "released",
         )
 
 
@@ -211,13 +242,13 @@ def _specs_from_radii(radii: dict[tuple[str, str, str], tuple[float, ...]]) -> t
 PRESETS: dict[str, tuple[SharpnessSpec, ...]] = {name: _specs_from_radii(radii) for name, radii in _PAPER_RADII.items()}
 
 
-def preset(name: str, *, n_iters: int = 20, n_samples: int = 100) -> list[SharpnessSpec]:
+def preset(name: str, *, n_iters: int = 20, n_samples: int = PAPER_N_SAMPLES) -> list[SharpnessSpec]:
     """The specs of a named preset.
 
     Args:
         name: ``"paper_resnet18"`` or ``"paper_simplevit"``.
         n_iters: Auto-PGD iterations of the worst-case specs.
-        n_samples: draws of the average-case specs.
+        n_samples: draws of the average-case specs (20 per batch, as the released CIFAR-10 script).
 
     Returns:
         48 specs: every definition of protocol.md's radius table at its 4 radii.
@@ -286,15 +317,17 @@ def sharpness(
     ``.grad`` fields, ``requires_grad`` and training flags and the global RNG.
 
     Worst case (``max_{||delta / c||_p <= rho} L_B(w + delta) - L_B(w)``): Auto-PGD in weight space as in the
-    released code: start at ``delta = 0``; step ``eta * sign(g)`` (linf) or ``eta * g / ||g||_2`` (l2) in the
-    coordinates ``u = delta / c`` with ``g`` the gradient with respect to ``u``; projection onto
-    ``||u||_p <= rho``; ``u_{k+1} = 0.75 * P(u_k + step) + 0.25 * u_{k-1}``; initial ``eta = 2 rho``, halved at a
+    released code: start at ``delta = 0``; step ``eta * c * sign(g)`` (linf) or ``eta * c * g / ||g||_2`` (l2)
+    with ``g`` the gradient at the current iterate; Euclidean projection ``P`` onto the feasible set (a clamp for
+    linf, a rescaling onto the ball for standard l2, and for adaptive l2 the projection onto the ellipsoid
+    ``||delta / c||_2 <= rho``: ``delta_i / (1 + mu / c_i^2)`` with the Lagrange multiplier ``mu`` the root of
+    ``||delta(mu) / c||_2 = rho``, found by bisection in the released code and by Newton's method here);
+    ``delta_{k+1} = 0.75 * P(delta_k + step) + 0.25 * delta_{k-1}``; initial ``eta = 2 rho``, halved at a
     checkpoint of :func:`apgd_checkpoints` when the best value improved in fewer than 75% of the iterations since
     the last one or neither ``eta`` nor the best value changed, the next gradient then being taken at the best
-    point. The per-batch value is the largest increase seen over all iterates, ``delta = 0`` included. For linf
-    and standard l2 this is the released algorithm; for adaptive l2 the step is the steepest ascent of the
-    ellipsoid's geometry (``c^2 g / ||c g||_2`` in ``delta``), where the released code steps along ``c g`` and
-    projects by bisection, which finds lower values.
+    point. The per-batch value is the largest increase seen over all iterates, ``delta = 0`` included.
+    ``spec.method == "steepest"`` (adaptive l2) steps along ``c^2 g / ||c g||_2`` instead, the steepest ascent
+    direction of the ellipsoid's geometry, and rescales onto it: higher values than the paper's algorithm.
 
     Average case: ``mean_s L_B(w + rho * c * xi_s) - L_B(w)`` over ``spec.n_samples`` draws of ``xi``
     (``N(0, I)`` for l2, ``U(-1, 1)`` elementwise for linf) from a local generator.
@@ -498,14 +531,14 @@ def _worst_case(
     the gradient for the next step.
     """
     loss0, err0, gradient = objective(with_gradient=True)
+    step_direction, project = _worst_case_geometry(spec, scale)
     u = torch.zeros_like(weights.origin)  # u_k
     u_before = u  # u_{k-1}: the released code's momentum term mixes in the iterate before last
     best_u, best_loss, best_err, best_gradient = u, loss0, err0, gradient
     schedule = _StepSizeSchedule(spec.rho, loss0, spec.n_iters)
     for k in range(1, spec.n_iters + 1):
-        ascent = torch.addcmul(u, _ascent_direction(gradient, scale, spec.norm), schedule.step)
-        u_before, u = u, torch.add(_project(ascent, spec.rho, spec.norm).mul_(APGD_MOMENTUM), u_before,
-                                   alpha=1 - APGD_MOMENTUM)  # fmt: skip
+        ascent = torch.addcmul(u, step_direction(gradient), schedule.step)
+        u_before, u = u, torch.add(project(ascent).mul_(APGD_MOMENTUM), u_before, alpha=1 - APGD_MOMENTUM)
         weights.load(_displace(weights.origin, scale, u))
         is_last = k == spec.n_iters
         loss, err, gradient = objective(with_gradient=not is_last)
@@ -553,20 +586,56 @@ class _StepSizeSchedule:
         return restart
 
 
-def _ascent_direction(gradient: Tensor, scale: Tensor | None, norm: str) -> Tensor:
-    # The gradient with respect to u = delta / c is c * g; its sign is sign(g) wherever c > 0, and where c = 0 the
-    # coordinate cannot move anyway.
-    if norm == "linf":
-        return gradient.sign()
-    gradient_u = gradient if scale is None else gradient * scale
-    return gradient_u / (gradient_u.norm() + _GRAD_NORM_EPS)
+def _worst_case_geometry(
+    spec: SharpnessSpec, scale: Tensor | None
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """The ascent direction (from the weight gradient ``g``) and the projection, both in ``u = delta / c``.
+
+    In these coordinates a step ``s`` in ``delta`` is ``s / c``, and the Euclidean projection of ``delta`` onto
+    the ellipsoid ``||delta / c||_2 <= rho`` maps ``u`` to ``u * c^2 / (c^2 + mu)``.
+    """
+    rho = spec.rho
+    if spec.norm == "linf":
+        # Released step c * sign(g) is sign(g) in u (where c = 0 the coordinate cannot move anyway).
+        return torch.sign, lambda u: u.clamp_(-rho, rho)
+    if scale is None:
+        return _unit, lambda u: _rescale_onto_ball(u, rho)
+    if spec.method == "steepest":
+        return lambda gradient: _unit(gradient * scale), lambda u: _rescale_onto_ball(u, rho)
+    scale_squared = scale * scale
+    # Released step c * g / ||g||_2 in delta is g / ||g||_2 in u.
+    return _unit, lambda u: _project_onto_ellipsoid(u, scale_squared, rho)
 
 
-def _project(u: Tensor, rho: float, norm: str) -> Tensor:
-    if norm == "linf":
-        return u.clamp_(-rho, rho)
+def _unit(vector: Tensor) -> Tensor:
+    return vector / (vector.norm() + _GRAD_NORM_EPS)
+
+
+def _rescale_onto_ball(u: Tensor, rho: float) -> Tensor:
     # Branch-free rescaling onto the ball: the factor is exactly 1 inside it.
     return u.mul_((rho / u.norm()).clamp(max=1.0))
+
+
+def _project_onto_ellipsoid(u: Tensor, scale_squared: Tensor, rho: float) -> Tensor:
+    """Euclidean projection of ``delta = c * u`` onto ``||delta / c||_2 <= rho``, returned in ``u`` coordinates.
+
+    KKT: ``delta* = delta / (1 + mu / c^2)``, i.e. ``u* = u * c^2 / (c^2 + mu)``, with ``mu = 0`` inside and
+    otherwise the root of ``||u*(mu)||_2 = rho``. Newton's method on ``1 / ||u*(mu)|| = 1 / rho`` (the trust-region
+    secular equation, concave in ``mu``) from ``mu = 0`` increases monotonically to that root without a branch
+    or a host sync; the released code bisects on ``mu`` until ``| ||u*|| - rho | < 1e-5``. Coordinates with
+    ``c = 0`` cannot move and are set to 0.
+    """
+    movable = scale_squared > 0
+    mu = torch.zeros((), dtype=u.dtype, device=u.device)
+    for _ in range(_ELLIPSOID_NEWTON_STEPS):
+        denominator = scale_squared + mu
+        shrunk = torch.where(movable, u * scale_squared / denominator, 0.0)
+        norm = shrunk.norm()
+        slope = torch.where(movable, shrunk.square() / denominator, 0.0).sum()  # -d||u*||^2 / dmu / 2
+        step = norm.square() * (norm - rho) / (rho * slope)
+        mu = torch.where(slope > 0, mu + step, mu).clamp_min(0.0)
+    shrunk = torch.where(movable, u * scale_squared / (scale_squared + mu), 0.0)
+    return _rescale_onto_ball(shrunk, rho)
 
 
 def _displace(origin: Tensor, scale: Tensor | None, u: Tensor) -> Tensor:
