@@ -267,7 +267,7 @@ def _plot(kept: Sequence[dict[str, object]], findings: dict, path: Path) -> None
         axes[0].plot([low, high], [2 * low, 2 * high], "k--", lw=1, label=r"$2\|u \odot v\|_1$")
         axes[0].legend(loc="upper left")
         figure.colorbar(points, ax=axes[-1], label=r"$\log_{10}$ learning rate")
-    figure.suptitle(f"Diagonal linear networks: {findings['n_converged']} models, d = 200 sparse regression "
+    figure.suptitle(f"Diagonal linear networks: {findings['n_converged']} models, sparse regression "
                     r"($\tilde\nabla^2$: rescaled Hessian, $c_u = \sqrt{|u|/|v|}$)")  # fmt: skip
     figure.tight_layout()
     figure.savefig(path, dpi=120)
