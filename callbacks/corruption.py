@@ -21,7 +21,8 @@ class CorruptionError(Callback):
 
     The number the paper ("A Modern Look at the Relationship between Sharpness and Generalization", Andriushchenko
     et al., ICML 2023) correlates with sharpness in Tables 3 and 4: with ``protocol="paper"``, the error over the
-    first 1,000 severity-5 images of each of the 15 standard corruptions; with ``protocol="full"``, every corruption
+    first 1,000 severity-5 images of each of the 15 standard corruptions (the released code evaluates a shuffled
+    10,000 of these 15,000 images: the same quantity with more noise); with ``protocol="full"``, every corruption
     and severity as well as their mean (:func:`lit_sharp.corruptions.corruption_error`).
 
     The folder is checked when fitting starts, so a missing or broken CIFAR-10-C fails before any training.

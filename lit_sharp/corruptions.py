@@ -4,8 +4,9 @@ On disk, ``ROOT/CIFAR-10-C/`` holds ``<corruption>.npy`` (uint8, ``(5n, 32, 32, 
 severity ``s``; n = 10,000 in the release) and ``labels.npy`` (``(5n,)``). Two protocols:
 
 - ``"paper"``: severity 5, the first 1,000 images of each of the 15 standard corruptions, one error rate over the
-  15,000 images. This is what the paper's released code evaluates (RobustBench's ``load_cifar10c`` with
-  ``n_examples=15000, severity=5``).
+  15,000 images. The paper's released code loads these 15,000 (RobustBench's ``load_cifar10c`` with
+  ``n_examples=15000, severity=5``), shuffles them and evaluates the first 10,000: the same quantity, estimated
+  with more noise, not the exact same subset.
 - ``"full"``: every standard corruption at every severity on all images; the mean error and each cell's error.
 
 The four extra files of the release (``EXTRA_CORRUPTIONS``) are never read. Files are memory-mapped and read a

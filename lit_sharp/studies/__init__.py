@@ -1,0 +1,1 @@
+"""Self-contained studies that reproduce a figure of the paper with the library's measures."""
