@@ -19,7 +19,7 @@ class FinalErrors(Callback):
 
     The clean training error uses ``datamodule.clean_train_dataloader()`` (the first 10,000 training images, no
     augmentation) and the test error ``datamodule.test_dataloader()``, both in evaluation mode (BN running statistics),
-    as in the paper (protocol.md section 4). Values are fractions in [0, 1], logged to every logger and kept in
+    as in the paper (docs/protocol.md section 4). Values are fractions in [0, 1], logged to every logger and kept in
     ``self.results``.
 
     Example::

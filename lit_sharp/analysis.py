@@ -1,4 +1,4 @@
-"""Kendall tau tables and figures over a grid of runs (protocol.md section 5; the paper's Tables 3-4, Figures 5-6).
+"""Kendall tau tables and figures over a grid of runs (docs/protocol.md section 5; the paper's Tables 3-4, Figures 5-6).
 
 Andriushchenko et al., "A Modern Look at the Relationship between Sharpness and Generalization", ICML 2023,
 correlate every sharpness measure with test error and CIFAR-10-C error over the models of one architecture whose
@@ -66,7 +66,7 @@ DEFAULT_MAX_TRAIN_ERR = 0.01
 DEFAULT_BOOTSTRAP = 1000
 CI_LEVEL = 0.95
 
-#: The measures of the paper's Figure 5, per architecture (protocol.md section 5).
+#: The measures of the paper's Figure 5, per architecture (docs/protocol.md section 5).
 HEADLINE_MEASURES = {
     "resnet18": ("worst_linf_adaptive_ln_rho0.002", "worst_linf_adaptive_rho0.001"),
     "simplevit": ("worst_linf_adaptive_ln_rho0.002", "worst_linf_adaptive_rho0.0005"),

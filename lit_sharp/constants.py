@@ -1,4 +1,4 @@
-"""Constants of the CIFAR-10 study (protocol.md sections 1 and 4); torch-free so every module can import them."""
+"""Constants of the CIFAR-10 study (docs/protocol.md sections 1 and 4); torch-free so every module can import them."""
 
 #: Per-channel mean and std of CIFAR-10 used for input normalization, as in the paper's released code.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

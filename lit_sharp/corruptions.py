@@ -1,4 +1,4 @@
-"""CIFAR-10-C error of any classifier (Hendrycks and Dietterich, ICLR 2019), as protocol.md section 4 defines it.
+"""CIFAR-10-C error of any classifier (Hendrycks and Dietterich, ICLR 2019), as docs/protocol.md section 4 defines it.
 
 On disk, ``ROOT/CIFAR-10-C/`` holds ``<corruption>.npy`` (uint8, ``(5n, 32, 32, 3)``; rows ``[(s-1)n, s*n)`` are
 severity ``s``; n = 10,000 in the release) and ``labels.npy`` (``(5n,)``). Two protocols:

@@ -22,7 +22,7 @@ class Diverged(RuntimeError):
 
 
 class ClassifierModule(pl.LightningModule):
-    """An image classifier trained as in the paper (protocol.md section 2).
+    """An image classifier trained as in the paper (docs/protocol.md section 2).
 
     Per step: mixup drawn once (lambda from ``(seed, step)``); pass 1 forward/backward; for ``sam_rho > 0`` the SAM
     ascent ``w + rho g / ||g||`` (Foret et al. 2021) and pass 2 on the same mixed batch with BatchNorm running
@@ -99,11 +99,6 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with one message saying how to convert it, a checkpoint of the earlier ResNet key layout."""
-        if is_old_layout(checkpoint.get("state_dict", {})):
-            path = self._trainer.ckpt_path if self._trainer is not None else None  # None outside trainer.fit
-            raise old_layout_error(path or "the checkpoint to load")
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) if self._compiled_call is None else self._compiled_call(x)
@@ -194,5 +189,10 @@ class ClassifierModule(pl.LightningModule):
         checkpoint["nonfinite_loss_seen"] = self._nonfinite is not None and bool(self._nonfinite.item())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of the earlier ResNet key layout (one message saying how to convert it); restore the
+        non-finite flag."""
+        if is_old_layout(checkpoint.get("state_dict", {})):
+            path = self._trainer.ckpt_path if self._trainer is not None else None  # None outside trainer.fit
+            raise old_layout_error(path or "the checkpoint to load")
         if checkpoint.get("nonfinite_loss_seen"):
             self._nonfinite = torch.tensor(True)

@@ -1,4 +1,4 @@
-"""The per-run record, ``<run dir>/results.json`` (design.md): write it, read it, find it.
+"""The per-run record, ``<run dir>/results.json`` (docs/design.md): write it, read it, find it.
 
 The file is the source of truth for grids (which runs to skip) and for the analysis, so it is written atomically:
 a run killed while writing leaves the previous file or none, never half a file.

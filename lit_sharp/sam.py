@@ -304,7 +304,7 @@ def _split_by_device(params: list[Tensor]) -> list[list[Tensor]]:
 class BatchNormStatsFreezer:
     """Keeps the BatchNorm running statistics of a module where they were, across forward passes, by save and restore.
 
-    For SAM's second forward pass at ``w + e`` (protocol.md section 2: BatchNorm running statistics are updated
+    For SAM's second forward pass at ``w + e`` (docs/protocol.md section 2: BatchNorm running statistics are updated
     by the first pass only). Entering :meth:`frozen` copies ``running_mean``, ``running_var`` and
     ``num_batches_tracked`` of every ``torch.nn.modules.batchnorm._BatchNorm`` that tracks them into buffers kept from
     call to call; leaving it copies them back, also after an exception. In between the layers behave exactly as in

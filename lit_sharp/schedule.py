@@ -1,4 +1,4 @@
-"""The learning-rate schedule of the study: linear warm-up from 0, then linear decay to 0 (protocol.md section 2)."""
+"""The learning-rate schedule of the study: linear warm-up from 0, then linear decay to 0 (docs/protocol.md section 2)."""
 
 from __future__ import annotations
 

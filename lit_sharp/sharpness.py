@@ -84,7 +84,7 @@ _NAME_PATTERN = re.compile(
 
 @dataclass(frozen=True)
 class SharpnessSpec:
-    """One sharpness definition at one radius (protocol.md section 3).
+    """One sharpness definition at one radius (docs/protocol.md section 3).
 
     Args:
         kind: ``"worst"`` (Auto-PGD maximum) or ``"average"`` (mean over random perturbations); or a curvature kind,
@@ -159,7 +159,7 @@ class SharpnessSpec:
 
     @property
     def name(self) -> str:
-        """The metric name, e.g. ``worst_linf_adaptive_ln_rho0.002`` (design.md); ``..._steepest`` for that method;
+        """The metric name, e.g. ``worst_linf_adaptive_ln_rho0.002`` (docs/design.md); ``..._steepest`` for that method;
         ``<kind>_<adaptive|standard>[_ln]`` for curvature kinds, e.g. ``hessian_trace_adaptive_ln``."""
         scale = "adaptive" if self.adaptive else "standard"
         ln = "_ln" if self.normalize_logits else ""
@@ -236,7 +236,7 @@ class SharpnessResult:
     perturbations: list[dict[str, Tensor]] | None = None
 
 
-# Radii of protocol.md section 3 (Tables 3 and 4 of the paper), per (kind, norm, scale).
+# Radii of docs/protocol.md section 3 (Tables 3 and 4 of the paper), per (kind, norm, scale).
 _PAPER_RADII: dict[str, dict[tuple[str, str, str], tuple[float, ...]]] = {
     "paper_resnet18": {
         ("average", "l2", "standard"): (0.05, 0.1, 0.2, 0.4),
@@ -299,7 +299,7 @@ def preset(name: str, *, n_iters: int = 20, n_samples: int = PAPER_N_SAMPLES) ->
             vectors of ``hessian_trace``.
 
     Returns:
-        For a paper preset, 48 specs: every definition of protocol.md's radius table at its 4 radii. For
+        For a paper preset, 48 specs: every definition of docs/protocol.md's radius table at its 4 radii. For
         ``curvature``, 6 specs: ``hessian_trace`` and ``hessian_max_eig``, each standard, adaptive, adaptive + LN.
 
     Raises:
@@ -356,7 +356,7 @@ def sharpness(
     return_perturbations: bool = False,
     scale: Mapping[str, Tensor] | None = None,
 ) -> SharpnessResult:
-    """Sharpness of ``model`` on ``batches`` as defined by ``spec`` (protocol.md section 3).
+    """Sharpness of ``model`` on ``batches`` as defined by ``spec`` (docs/protocol.md section 3).
 
     Every entry of ``model.named_parameters()`` is perturbed (buffers never are). The model runs in evaluation
     mode and float32 (autocast off), with gradients enabled even under ``torch.no_grad()`` or

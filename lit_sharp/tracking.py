@@ -93,7 +93,10 @@ def define_validation_metrics(logger: WandbLogger) -> None:
     """
     run = logger.experiment
     run.define_metric("epoch")
-    run.define_metric("val/*", step_metric="epoch", summary="min,last")
+    # By name, not by the glob "val/*": Lightning has already defined "*" (against its global step), and a second
+    # glob would not take precedence over it.
+    for name in ("val/err", "val/loss"):
+        run.define_metric(name, step_metric="epoch", summary="min,last")
 
 
 def _wandb(init: dict[str, Any], mode: str) -> WandbLogger:

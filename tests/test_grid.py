@@ -72,7 +72,7 @@ def test_smoke_grid_on_the_local_launcher_then_relaunch_creates_nothing(syntheti
     out = tmp_path / "analysis"
     assert analysis_main([str(runs / "smoke"), "--out", str(out), "--max-train-err", "1"]) == 0
     rows = (out / "correlations.csv").read_text().splitlines()
-    assert rows[0] == "model,measure,target,subgroup,tau,n"
+    assert rows[0] == "model,measure,target,subgroup,tau,n,ci_low,ci_high"
     assert any(row.startswith("resnet18,worst_linf_adaptive_ln_rho0.002,test_err,all,") for row in rows)
     assert (out / "tables.md").is_file() and (out / "runs.csv").is_file()
     assert (out / "fig5_resnet18_worst_linf_adaptive_ln_rho0.002.png").read_bytes()[:4] == b"\x89PNG"

@@ -166,7 +166,7 @@ def test_presets_hold_12_definitions_at_4_radii(name: str) -> None:
 
 
 def test_presets_contain_the_papers_headline_measures() -> None:
-    # protocol.md section 5 (Tables 3 and 4) and the SimpleViT l2 row of the radius table.
+    # docs/protocol.md section 5 (Tables 3 and 4) and the SimpleViT l2 row of the radius table.
     resnet = {spec.name for spec in preset("paper_resnet18")}
     vit = {spec.name for spec in preset("paper_simplevit")}
     assert {"worst_linf_adaptive_ln_rho0.002", "worst_linf_adaptive_rho0.001", "average_l2_adaptive_rho0.1",
@@ -184,7 +184,7 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 
 
 def test_checkpoints_follow_the_released_schedule() -> None:
-    assert apgd_checkpoints(20) == (5, 9, 12, 15, 16, 18, 19)  # protocol.md section 3
+    assert apgd_checkpoints(20) == (5, 9, 12, 15, 16, 18, 19)  # docs/protocol.md section 3
     for n_iters in range(1, 101):
         released = sorted({mark for mark in reference.checkpoint_schedule(n_iters) if mark < n_iters})
         assert list(apgd_checkpoints(n_iters)) == released
@@ -432,7 +432,7 @@ def test_released_adaptive_l2_maximizer_moves_under_rescaling_as_the_released_co
 def test_logit_normalization_divides_by_the_l2_norm() -> None:
     model, batches = _mlp(), _mlp_batches()
 
-    class Normalized(nn.Module):  # written from protocol.md, independently of the library
+    class Normalized(nn.Module):  # written from docs/protocol.md, independently of the library
         def __init__(self, inner: nn.Module, by_std: bool) -> None:
             super().__init__()
             self.inner, self.by_std = inner, by_std

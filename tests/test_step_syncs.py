@@ -40,7 +40,8 @@ def test_steady_state_steps_read_the_host_only_for_the_nan_check_and_the_log_flu
 
     steps = 2 * 64 // 8
     counts = {step: sum(host_reads.LAST.get(step, {}).values()) for step in range(1, steps)}  # step 0 warms up
-    allowed = {step: int((step + 1) % CHECK_FINITE_EVERY == 0)
+    # The NaN check reads every CHECK_FINITE_EVERY steps and at the last step, so no NaN of the last steps is missed.
+    allowed = {step: int((step + 1) % CHECK_FINITE_EVERY == 0 or step == steps - 1)
                + int((step + 1) % LOG_EVERY == 0) * (len(STEP_METRICS) + len(SHOWN)) for step in counts}
     too_many = {step: dict(host_reads.LAST[step]) for step in counts if counts[step] > allowed[step]}
     assert not too_many, f"host reads beyond the NaN check and the log flush: {too_many}"

@@ -1,5 +1,6 @@
 """The run entry point end to end: results.json, W&B offline files, validation, resume and divergence."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def test_validation_curve_summary_and_flat_config_in_wandb(synthetic_root, tmp_p
     # The last validation and FinalErrors see the same weights and test set through different loops.
     assert curve[-1]["val/err"] == pytest.approx(record["metrics"]["final/test_err"], abs=1e-12)
     # Plotted against the epoch, best and last value kept in the summary.
-    definition = logged["metrics"]["val/*"]
+    definition = logged["metrics"]["val/err"]
     assert definition["step_metric"] == "epoch" and definition["summary"].min and definition["summary"].last
     summary = logged["summary"]
     assert summary["val/err"]["min"] == min(row["val/err"] for row in curve)
@@ -233,3 +234,19 @@ def test_console_of_a_run_has_no_warnings_and_ends_with_a_summary(synthetic_root
             f"CIFAR-10-C {metrics['c10c/err']:.4g}") in output
     (wandb_run,) = offline_runs(run_dir)
     assert f"  W&B        offline; upload with: wandb sync {wandb_run}" in output
+
+
+def test_a_scheduled_sharpness_measurement_draws_its_curve_and_the_run_measures_the_end_once(synthetic_root, tmp_path):
+    spec = "worst_linf_adaptive_rho0.001"
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), "~callbacks.corruption", "logger=csv",
+                         "trainer.max_epochs=2", f"callbacks.sharpness.specs=[{spec}]",
+                         "callbacks.sharpness.every_n_epochs=1")
+    record = run(cfg)
+    assert record["run"]["status"] == "completed"
+    with open(run_dir_of(cfg) / "csv" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get(f"sharpness/{spec}")]
+    # One measurement per epoch (each logs its cost), and no second one of the same final weights after fit: the
+    # run's final record reuses the last epoch's numbers.
+    assert [float(row["epoch"]) for row in rows if row["sharpness_cost/seconds"]] == [0, 1]
+    assert float(rows[-1][f"sharpness/{spec}"]) == pytest.approx(record["metrics"][f"sharpness/{spec}"], rel=1e-12)
+    assert float(rows[0][f"sharpness/{spec}"]) != float(rows[-1][f"sharpness/{spec}"])

@@ -16,7 +16,7 @@ from lit_sharp.data.synthetic import ensure_synthetic, is_synthetic
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
-    """CIFAR-10 with the paper's normalization and augmentation (protocol.md sections 1, 2 and 4).
+    """CIFAR-10 with the paper's normalization and augmentation (docs/protocol.md sections 1, 2 and 4).
 
     Loaders:
         ``train_dataloader``: all training images in a seeded order, augmented when ``augment`` is on.

@@ -1,6 +1,6 @@
 """Small CIFAR-10 and CIFAR-10-C look-alikes, written in the on-disk formats of the real releases.
 
-No machine that builds or tests this project reaches the internet (protocol.md section 6), so the real loaders
+No machine that builds or tests this project reaches the internet (docs/protocol.md section 6), so the real loaders
 are exercised on data written here:
 
 - ``ROOT/cifar-10-batches-py/``: ``data_batch_1`` .. ``data_batch_5``, ``test_batch`` and ``batches.meta``,
