@@ -39,6 +39,14 @@ def quiet_library_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropLightningTip) for existing in logger.filters):
             logger.addFilter(_DropLightningTip())
+    if logging.getLogger().handlers:
+        # Under Hydra the root logger prints (and writes the job's log file); Lightning's own console handler,
+        # installed when it found no root handler at import, would print every message a second time.
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:
+                    logger.removeHandler(handler)
 
 
 def run_summary(record: Mapping[str, Any], run_dir: Path, wandb_location: str | None) -> str:

@@ -585,24 +585,22 @@ class _Objective:
 
     def loss_with_graph(self) -> Tensor:
         """The batch loss at the loaded weights, with its graph (for Hessian-vector products)."""
+        return self._loss_and_logits()[0]
+
+    def __call__(self, with_gradient: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        with torch.set_grad_enabled(with_gradient):
+            loss, logits = self._loss_and_logits()
+        gradient = self.weights.gradient(loss) if with_gradient else None
+        return loss.detach(), _error(logits.detach(), self.y), gradient
+
+    def _loss_and_logits(self) -> tuple[Tensor, Tensor]:
         logits = self.model(self.x)
         if self.normalize:
             logits = normalize_logits(logits)
         loss = self.loss_fn(logits, self.y)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor (e.g. a mean over the batch)")
-        return loss.reshape(())
-
-    def __call__(self, with_gradient: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        with torch.set_grad_enabled(with_gradient):
-            logits = self.model(self.x)
-            if self.normalize:
-                logits = normalize_logits(logits)
-            loss = self.loss_fn(logits, self.y)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError("loss_fn must return a scalar tensor (e.g. a mean over the batch)")
-        gradient = self.weights.gradient(loss) if with_gradient else None
-        return loss.detach().reshape(()), _error(logits.detach(), self.y), gradient
+        return loss.reshape(()), logits
 
 
 def _error(logits: Tensor, y: Tensor) -> Tensor:

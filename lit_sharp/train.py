@@ -309,7 +309,7 @@ def _measure(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer, module: pl.Lig
         if key in measured:
             continue
         _record(cfg, run_dir, [], hparams, "failed", clock.seconds, metrics,
-                f"stopped while measuring {key}", measured=measured, measuring=key)
+                f"stopped while measuring {key}", measured=measured, measuring=key, announce=False)
         try:
             results = (_measured_at(callback, trainer.global_step)
                        or callback.measure(module, datamodule, progress=trainer.is_global_zero))
@@ -338,7 +338,7 @@ def _previous_record(run_dir: Path) -> dict[str, Any] | None:
 
 def _record(cfg: DictConfig, run_dir: Path, loggers: list, hparams: dict[str, Any], status: str, seconds: float,
             metrics: dict[str, float], error: str | None, *, measured: list[str] | None = None,
-            measuring: str | None = None) -> dict[str, Any]:
+            measuring: str | None = None, announce: bool = True) -> dict[str, Any]:
     summary = {"run/status": status, "run/seconds": seconds, **metrics}
     where = wandb_location(loggers)
     try:
@@ -356,7 +356,10 @@ def _record(cfg: DictConfig, run_dir: Path, loggers: list, hparams: dict[str, An
     if measuring is not None:
         record["run"]["measurement"] = measuring
     write_results(run_dir, record)
-    log.info("%s", run_summary(record, run_dir, where))
+    if announce:
+        log.info("%s", run_summary(record, run_dir, where))
+    else:  # a progress record, true if the process dies now; the run goes on
+        log.debug("%s: recorded as %s (%s)", run_dir.name, status, error)
     return record
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, compose_config, subprocess_env, tiny_run_overrides
-from wandb_offline import offline_runs, read_offline_run
+from wandb_offline import offline_runs, read_offline_run, run_id_of
 
 import lit_sharp.train as train_module
 from lit_sharp.analysis import correlations
@@ -64,7 +64,7 @@ def test_a_crash_while_measuring_is_measured_on_relaunch_without_training_again(
     assert checkpoint.stat().st_mtime_ns == trained  # no training step ran, no checkpoint was written
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
     first, resumed = offline_runs(run_dir)  # the same W&B run, resumed by id
-    assert first.name.endswith(record["run"]["wandb_id"]) and resumed.name.endswith(record["run"]["wandb_id"])
+    assert run_id_of(first) == run_id_of(resumed) == record["run"]["wandb_id"]
     summary = read_offline_run(resumed)["summary"]
     assert summary["c10c/err"] == record["metrics"]["c10c/err"] and summary["run/status"] == "completed"
     assert summary["final/test_err"] == record["metrics"]["final/test_err"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import compose_config, tiny_run_overrides
-from wandb_offline import offline_runs, read_offline_run
+from wandb_offline import offline_runs, read_offline_run, run_id_of
 
 from lit_sharp.errors import ConfigError
 from lit_sharp.results import read_results
@@ -30,7 +30,7 @@ def test_eval_of_a_run_checkpoint_reproduces_its_numbers(trained):
     assert on_disk["run"]["evaluated"]["ckpt_path"].endswith("last.ckpt")
     # The evaluation resumed the run's W&B id: a second offline folder of the same run carries the numbers.
     folders = offline_runs(run_dir)
-    assert len(folders) == 2 and all(f.name.endswith(record["run"]["wandb_id"]) for f in folders)
+    assert len(folders) == 2 and all(run_id_of(f) == record["run"]["wandb_id"] for f in folders)
     assert read_offline_run(folders[-1])["summary"]["c10c/err"] == record["metrics"]["c10c/err"]
 
 

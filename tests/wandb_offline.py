@@ -8,6 +8,7 @@ The file is a LevelDB-style log (the format W&B documents for its transaction lo
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,11 @@ def read_offline_run(run_folder: Path) -> dict[str, Any]:
 def offline_runs(run_dir: Path) -> list[Path]:
     """The offline W&B run folders written under a run folder."""
     return sorted(Path(run_dir).glob("wandb/offline-run-*"))
+
+
+def run_id_of(run_folder: Path) -> str:
+    """The W&B run id in an offline run folder's name, ``offline-run-<time>-<id>``; W&B appends ``-1``, ``-2``, ...
+    when a resumed run starts within the same second as the folder before it."""
+    match = re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", Path(run_folder).name)
+    assert match, f"not an offline W&B run folder: {run_folder}"
+    return match.group(1)
