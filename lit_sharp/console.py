@@ -42,7 +42,7 @@ def quiet_library_noise() -> None:
     if logging.getLogger().handlers:
         # Under Hydra the root logger prints (and writes the job's log file); Lightning's own console handler,
         # installed when it found no root handler at import, would print every message a second time.
-        for name in ("lightning.pytorch", "lightning.fabric"):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logger = logging.getLogger(name)
             for handler in list(logger.handlers):
                 if type(handler) is logging.StreamHandler:
