@@ -75,13 +75,16 @@ def smoke_grid(synthetic_root, runs, *extra):
     return [sys.executable, "train.py", "-m", "grid=smoke", *tiny, "logger=none", *QUICK, *extra]
 
 
-def test_a_refused_run_does_not_stop_its_grid(synthetic_root, tmp_path):
+@pytest.mark.parametrize("launcher", [(), ("hydra/launcher=local", "hydra.launcher.n_jobs=2"),
+                                      ("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30")],
+                         ids=["basic", "joblib", "submitit_local"])
+def test_a_refused_run_does_not_stop_its_grid(synthetic_root, tmp_path, launcher):
     runs = tmp_path / "runs"
     refused = runs / "smoke" / "resnet18_lr0.05_rho0_mix0_aug1_s0"
     refused.mkdir(parents=True)
     (refused / "run_config.json").write_text(json.dumps({"seed": 99}))
-    result = subprocess.run(smoke_grid(synthetic_root, runs), cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=subprocess_env(OMP_NUM_THREADS="1"))
+    result = subprocess.run(smoke_grid(synthetic_root, runs, *launcher), cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=subprocess_env(OMP_NUM_THREADS="1"))
     assert result.returncode == 1, result.stderr[-3000:]
     count_lines = [line for line in result.stderr.splitlines() if "runs did not finish" in line]
     assert len(count_lines) == 1 and count_lines[0].startswith("error: 1 of 4 runs did not finish (0 failed, 1 refused)")
