@@ -54,11 +54,3 @@ class FinalErrors(Callback):
             f"final errors: train {self.results['final/train_err']:.4f}, test {self.results['final/test_err']:.4f}"
         )
         return self.results
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"results": dict(self.results)}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.results = dict(state_dict.get("results", {}))

@@ -48,7 +48,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.stats import kendalltau
 
-from lit_sharp.results import ResultsError, find_results, read_results
+from lit_sharp.results import ResultsError, find_results, mixup_on, read_results, subgroup_of
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ HEADLINE_MEASURES = {
     "resnet18": ("worst_linf_adaptive_ln_rho0.002", "worst_linf_adaptive_rho0.001"),
     "simplevit": ("worst_linf_adaptive_ln_rho0.002", "worst_linf_adaptive_rho0.0005"),
 }
-
-
-def mixup_on(hparams: Mapping[str, Any]) -> bool:
-    """Whether a run trained with mixup: ``mixup_alpha > 0``."""
-    return float(hparams["mixup_alpha"]) > 0
 
 
 #: The grid's hyperparameter axes, as Jiang et al.'s granulated coefficient varies them one at a time.
@@ -209,10 +204,8 @@ def _check_max_train_err(max_train_err: float) -> None:
         raise ValueError(f"max_train_err must be a fraction in [0, 1], got {max_train_err!r}")
 
 
-def subgroup_of(record: Mapping[str, Any]) -> str:
-    """The ``augment x mixup`` subgroup of a run: ``augment=<true|false>,mixup=<true|false>``."""
-    hparams = record["hparams"]
-    return f"augment={str(bool(hparams['augment'])).lower()},mixup={str(mixup_on(hparams)).lower()}"
+def _subgroup(record: Mapping[str, Any]) -> str:
+    return subgroup_of(record["hparams"])
 
 
 def measures_in(records: Iterable[Record]) -> list[str]:
@@ -424,7 +417,7 @@ def correlations(
     rows: list[dict[str, Any]] = []
     for model, model_records in by_model(completed(records)).items():
         kept, _ = split_by_train_err(model_records, max_train_err)
-        subgroups = sorted({subgroup_of(record) for record in model_records}, key=_subgroup_sort_key)
+        subgroups = sorted({_subgroup(record) for record in model_records}, key=_subgroup_sort_key)
         for measure in measures_in(model_records):
             for target, target_key in TARGETS.items():
                 cells = _correlation_cells(kept, SHARPNESS_PREFIX + measure, target_key, subgroups)
@@ -444,7 +437,7 @@ def _interval_cells(
 ) -> dict[str, tuple[float, float]]:
     intervals: dict[str, tuple[float, float]] = {}
     for subgroup in ("all", *subgroups):
-        members = kept if subgroup == "all" else [r for r in kept if subgroup_of(r) == subgroup]
+        members = kept if subgroup == "all" else [r for r in kept if _subgroup(r) == subgroup]
         xs, ys = paired_values(members, x_key, y_key)
         # A stable seed per row: crc32 of the row's names (Python's hash() changes between processes).
         seed = [names[0], zlib.crc32("|".join(map(str, (*names[1:], subgroup))).encode())]
@@ -461,7 +454,7 @@ def _correlation_cells(
     xs, ys = paired_values(kept, x_key, y_key)
     cells["all"] = (kendall_tau(xs, ys), len(xs))
     for subgroup in subgroups:
-        xs, ys = paired_values((r for r in kept if subgroup_of(r) == subgroup), x_key, y_key)
+        xs, ys = paired_values((r for r in kept if _subgroup(r) == subgroup), x_key, y_key)
         cells[subgroup] = (kendall_tau(xs, ys), len(xs))
     for axis, cell in granulated_tau(kept, x_key, y_key).items():
         cells[f"granulated:{axis}"] = cell
@@ -721,7 +714,7 @@ def _scatter_by_subgroup(
 ) -> None:
     groups: dict[str, list[Record]] = defaultdict(list)
     for record in records:
-        groups[subgroup_of(record)].append(record)
+        groups[_subgroup(record)].append(record)
     all_x: list[float] = []
     all_y: list[float] = []
     for subgroup in sorted(groups, key=_subgroup_sort_key):
@@ -883,7 +876,7 @@ def scatter_runs(
 
 def _scatter_plots(wandb: Any, model: str, measure: str, runs: Sequence[Record]) -> dict[str, Any]:
     data = [
-        [record["run"]["name"], subgroup_of(record), float(record["hparams"]["lr"]),
+        [record["run"]["name"], _subgroup(record), float(record["hparams"]["lr"]),
          metric(record, SHARPNESS_PREFIX + measure), metric(record, TEST_ERR), metric(record, C10C_ERR)]
         for record in runs
     ]

@@ -147,3 +147,14 @@ def run_status(run_dir: Path | str) -> str | None:
         return read_results(run_dir)["run"]["status"]
     except ResultsError:
         return None
+
+
+def mixup_on(hparams: Mapping[str, Any]) -> bool:
+    """Whether a run trained with mixup: ``mixup_alpha > 0``."""
+    return float(hparams["mixup_alpha"]) > 0
+
+
+def subgroup_of(hparams: Mapping[str, Any]) -> str:
+    """The augment x mixup subgroup of a run, ``augment=<true|false>,mixup=<true|false>``: one name for the W&B tags
+    and the analysis."""
+    return f"augment={str(bool(hparams['augment'])).lower()},mixup={str(mixup_on(hparams)).lower()}"

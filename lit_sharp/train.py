@@ -39,7 +39,8 @@ from lit_sharp.gpu_slots import gpu_slot, gpu_uuids, scheduler_owns_gpus
 from lit_sharp.locks import LockBusy, default_lock_dir, hold
 from lit_sharp.module import Diverged
 from lit_sharp.progress import LoggedStepProgressBar
-from lit_sharp.results import ResultsError, flatten, make_record, read_results, run_status, write_results
+from lit_sharp.results import (ResultsError, flatten, make_record, read_results, run_status, subgroup_of,
+                               write_results)
 from lit_sharp.tracking import build_loggers, finish_wandb, wandb_location
 
 log = logging.getLogger(__name__)
@@ -421,11 +422,6 @@ def collect_results(callbacks: list[Callback]) -> dict[str, float]:
     for callback in callbacks:
         metrics.update(getattr(callback, "results", None) or {})
     return metrics
-
-
-def subgroup_of(hparams: dict[str, Any]) -> str:
-    """The augment x mixup subgroup of a run, as the analysis names it."""
-    return f"augment={str(hparams['augment']).lower()},mixup={str(hparams['mixup_alpha'] > 0).lower()}"
 
 
 def _tags(hparams: dict[str, Any], cfg: DictConfig) -> list[str]:
