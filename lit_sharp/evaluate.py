@@ -41,7 +41,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt = Path(cfg.ckpt_path).expanduser().resolve()
     weights = load_weights(ckpt)
-    run_dir = _source_run_dir(ckpt)
+    run_dir = source_run_dir(ckpt)
     previous = read_results(run_dir) if run_dir is not None and (run_dir / RESULTS_FILE).is_file() else None
     model_cfg = _recorded_model_config(previous) if previous is not None else cfg.model
     if run_dir is None:
@@ -119,7 +119,8 @@ def _state_dict_in(loaded: Any) -> Mapping[str, torch.Tensor] | None:
     return loaded if all(isinstance(value, torch.Tensor) for value in loaded.values()) else None
 
 
-def _source_run_dir(ckpt: Path) -> Path | None:
+def source_run_dir(ckpt: Path) -> Path | None:
+    """The run folder ``ckpt`` was written in (``<run dir>/checkpoints/<file>`` of a lit_sharp run), else None."""
     run_dir = ckpt.parent.parent
     if ckpt.parent.name == "checkpoints" and ((run_dir / RESULTS_FILE).is_file() or (run_dir / "wandb_id.txt").is_file()):
         return run_dir

@@ -136,9 +136,9 @@ def lock_dir(cfg: DictConfig) -> Path:
 
 def _evaluate_locked(cfg: DictConfig) -> dict[str, Any]:
     """``mode=eval`` under the lock of the run it writes into, so it cannot race a training launch of that run."""
-    from lit_sharp.evaluate import _source_run_dir, evaluate
+    from lit_sharp.evaluate import source_run_dir, evaluate
 
-    run_dir = _source_run_dir(Path(cfg.ckpt_path).expanduser().resolve()) if cfg.get("ckpt_path") else None
+    run_dir = source_run_dir(Path(cfg.ckpt_path).expanduser().resolve()) if cfg.get("ckpt_path") else None
     if run_dir is None:
         return evaluate(cfg)
     try:
