@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lit_sharp.callbacks._logging import log_final_metrics
+from lit_sharp.callbacks.metric_logging import log_final_metrics
 from lit_sharp.corruptions import PROTOCOLS, check_cifar10c, corruption_error
 
 

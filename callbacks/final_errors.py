@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit_sharp.callbacks._logging import log_final_metrics
+from lit_sharp.callbacks.metric_logging import log_final_metrics
 from lit_sharp.evaluation import classification_error
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from lit_sharp.callbacks._logging import log_final_metrics, log_metrics
+from lit_sharp.callbacks.metric_logging import log_final_metrics, log_metrics
 from lit_sharp.sharpness import PRESETS, SharpnessSpec, sharpness
 
 SpecsArgument = Union[str, SharpnessSpec, Sequence[Union[str, SharpnessSpec]]]

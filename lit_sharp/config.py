@@ -1,10 +1,11 @@
-"""Checks of a composed config, run before any training starts; each refusal names the key and the value."""
+"""A composed config: the checks run before any training starts (each refusal names the key and the value), the\n``auto`` settings made concrete, and readers of a few keys that several modules need."""
 
 from __future__ import annotations
 
 import copy
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_sharp.constants import RANDAUGMENTS
 from lit_sharp.errors import ConfigError
+from lit_sharp.locks import default_lock_dir
 from lit_sharp.models.vit import VARIANTS as SIMPLEVIT_VARIANTS
 
 MODELS = ("resnet18", "simplevit")
@@ -69,6 +71,22 @@ def resolve_auto(cfg: DictConfig) -> DictConfig:
     if cfg.module.get("check_finite_every") is None:
         cfg.module.check_finite_every = GPU_CHECK_FINITE_EVERY if on_gpu else 1
     return cfg
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` resolved into plain dicts and lists (what ``results.json`` and the loggers record)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def lock_mode(cfg: DictConfig) -> str:
+    """``resources.lock_mode``: ``auto`` (flock, or owner files where the file system has none), ``flock`` or ``file``."""
+    return str((cfg.get("resources") or {}).get("lock_mode") or "auto")
+
+
+def lock_dir(cfg: DictConfig) -> Path:
+    """``resources.lock_dir``, the folder of the GPU slot locks (default: a per-user folder of this machine)."""
+    folder = (cfg.get("resources") or {}).get("lock_dir")
+    return Path(folder).expanduser() if folder else default_lock_dir()
 
 
 def _get(cfg: DictConfig, key: str) -> Any:

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from lit_sharp.cli import CONFIG_DIR
 from lit_sharp.locks import is_held
 from lit_sharp.results import ResultsError, read_results, run_status
-from lit_sharp.train import CHECKPOINT_DIR, LAST_CHECKPOINT, RUN_LOCK, run_dir_of
+from lit_sharp.run_folder import CHECKPOINT_DIR, LAST_CHECKPOINT, RUN_LOCK, run_dir_of
 STATES = ("completed", "running", "resumable", "failed", "diverged", "pending")
 
 

@@ -18,6 +18,9 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
+from lit_sharp.config import to_plain
+from lit_sharp.results import flatten, subgroup_of
+
 WANDB_ID_FILE = "wandb_id.txt"
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,19 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, tags: list[str]
     if job_type == "train":
         define_validation_metrics(logger)
     return [logger]
+
+
+def run_tags(hparams: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """The W&B tags of a run: model, subgroup, rho, lr and the experiment or grid name, for filtering dashboards."""
+    return [hparams["model"], subgroup_of(hparams), f"sam_rho={hparams['sam_rho']:g}", f"lr={hparams['lr']:g}",
+            cfg.name]
+
+
+def log_config(loggers: list[Logger], cfg: DictConfig, hparams: dict[str, Any]) -> None:
+    """Log the whole config once, as the flat dotted keys of ``results.json`` (``module.lr``, ``data.augment``, ...),
+    which W&B's grouping and parallel-coordinates panels take as they are, and the run's subgroup."""
+    for logger in loggers:
+        logger.log_hyperparams({**flatten(to_plain(cfg)), "subgroup": subgroup_of(hparams)})
 
 
 def define_validation_metrics(logger: WandbLogger) -> None:

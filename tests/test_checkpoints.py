@@ -8,7 +8,7 @@ from conftest import compose_config, tiny_run_overrides
 from test_models import released_preact_resnet18_shapes, released_simplevit_shapes
 
 from lit_sharp.errors import ConfigError, UserError
-from lit_sharp.evaluate import load_weights
+from lit_sharp.checkpoints import load_weights
 from lit_sharp.models.convert import main as convert_main
 from lit_sharp.train import run, run_dir_of
 
@@ -150,14 +150,14 @@ def test_resuming_from_an_old_layout_run_checkpoint_fails_once_then_converts_in_
 def test_simplevit_runs_recorded_before_the_variant_existed_rebuild_the_vit_pytorch_1x_network():
     import vit_pytorch
 
-    from lit_sharp.evaluate import _recorded_model_config
+    from lit_sharp.assembly import build_model
+    from lit_sharp.evaluate import recorded_model_config
     from lit_sharp.models import SimpleViT
-    from lit_sharp.train import build_model
 
     tiny = {"model.num_classes": 10, "model.image_size": 32, "model.patch_size": 4, "model.dim": 16, "model.depth": 1,
             "model.heads": 2, "model.mlp_dim": 32, "model.dim_head": 8}
     vit = {"model.name": "simplevit", "model._target_": "lit_sharp.models.simple_vit", **tiny}
     old_record = {"run": {"name": "old"}, "config": vit}
-    assert type(build_model(_recorded_model_config(old_record))) is vit_pytorch.SimpleViT
+    assert type(build_model(recorded_model_config(old_record))) is vit_pytorch.SimpleViT
     new_record = {"run": {"name": "new"}, "config": {**vit, "model.variant": "paper"}}
-    assert type(build_model(_recorded_model_config(new_record))) is SimpleViT
+    assert type(build_model(recorded_model_config(new_record))) is SimpleViT

@@ -17,22 +17,24 @@ import torch
 from conftest import REPO, compose_config, subprocess_env, tiny_run_overrides
 from wandb_offline import offline_runs, read_offline_run, run_id_of
 
-import lit_sharp.train as train_module
+import lit_sharp.training as training_module
 from lit_sharp.analysis import correlations
+from lit_sharp.assembly import download_lock
 from lit_sharp.errors import UserError
 from lit_sharp.gpu_slots import gpu_slot, scheduler_owns_gpus, slot_lock_names
 from lit_sharp.grid import main as grid_main, run_state, status
 from lit_sharp.locks import LockBusy, hold, is_held, owner_path, read_owner
 from lit_sharp.module import ClassifierModule, Diverged
 from lit_sharp.results import make_record, read_results
-from lit_sharp.train import _download_lock, run, run_dir_of
+from lit_sharp.run_folder import hparams_of
+from lit_sharp.train import run, run_dir_of
 
 QUICK = ["~callbacks.sharpness", "~callbacks.corruption", "trainer.max_steps=2"]
 
 
 def test_a_crash_while_measuring_is_measured_on_relaunch_without_training_again(synthetic_root, tmp_path, monkeypatch):
     cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), "~callbacks.sharpness", "trainer.max_steps=2")
-    build = train_module.build_named_callbacks
+    build = training_module.build_named_callbacks
 
     def corruption_crashes(cfg):
         callbacks = build(cfg)
@@ -43,7 +45,7 @@ def test_a_crash_while_measuring_is_measured_on_relaunch_without_training_again(
         callbacks["corruption"].measure = crash
         return callbacks
 
-    monkeypatch.setattr(train_module, "build_named_callbacks", corruption_crashes)
+    monkeypatch.setattr(training_module, "build_named_callbacks", corruption_crashes)
     with pytest.raises(OSError, match="simulated crash"):
         run(cfg)
     run_dir = run_dir_of(cfg)
@@ -55,7 +57,7 @@ def test_a_crash_while_measuring_is_measured_on_relaunch_without_training_again(
     trained = checkpoint.stat().st_mtime_ns
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
 
-    monkeypatch.setattr(train_module, "build_named_callbacks", build)
+    monkeypatch.setattr(training_module, "build_named_callbacks", build)
     record = run(cfg)  # relaunch: training had ended, so only the missing measurement runs
     assert record["run"]["status"] == "completed" and "error" not in record["run"]
     assert record["run"]["measured"] == ["final_errors", "corruption"]
@@ -228,7 +230,7 @@ def test_downloads_into_one_folder_wait_for_each_other(tmp_path):
     entered = threading.Event()
 
     def download():
-        with _download_lock(cfg):
+        with download_lock(cfg):
             entered.set()
 
     waiting = threading.Thread(target=download)
@@ -263,7 +265,7 @@ def test_the_non_finite_flag_survives_a_checkpoint():
 
 def test_sam_and_asam_are_recorded_and_analysed_apart(synthetic_root, tmp_path):
     cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), "module.sam_adaptive=true")
-    assert train_module.hparams_of(cfg)["sam_adaptive"] is True
+    assert hparams_of(cfg)["sam_adaptive"] is True
     assert run_dir_of(cfg).name.endswith("_asam")
     records = []
     # SAM runs: sharpness rises with test error (tau = +1); ASAM runs: falls (tau = -1). Pooled, tau would be 0.

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, compose_config, subprocess_env, tiny_run_overrides
 from wandb_offline import offline_runs, read_offline_run
 
-import lit_sharp.train as train_module
+import lit_sharp.training as training_module
 from lit_sharp.errors import ConfigError
 from lit_sharp.results import read_results
 from lit_sharp.train import run, run_dir_of
@@ -125,13 +125,13 @@ def test_interrupted_run_resumes_to_the_same_model(synthetic_root, tmp_path, mon
                 raise KeyError("simulated crash")
 
     cut = compose_config(*tiny_run_overrides(synthetic_root, tmp_path / "cut"), *overrides)
-    build = train_module.build_named_callbacks
-    monkeypatch.setattr(train_module, "build_named_callbacks", lambda cfg: {**build(cfg), "crash": Crash()})
+    build = training_module.build_named_callbacks
+    monkeypatch.setattr(training_module, "build_named_callbacks", lambda cfg: {**build(cfg), "crash": Crash()})
     with pytest.raises(KeyError):
         run(cut)
     assert read_results(run_dir_of(cut))["run"]["status"] == "failed"
     assert "simulated crash" in read_results(run_dir_of(cut))["run"]["error"]
-    monkeypatch.setattr(train_module, "build_named_callbacks", build)
+    monkeypatch.setattr(training_module, "build_named_callbacks", build)
     run(cut)  # relaunch: resumes from the end-of-epoch-0 checkpoint
 
     a = torch.load(run_dir_of(whole) / "checkpoints" / "last.ckpt", weights_only=False)

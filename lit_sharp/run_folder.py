@@ -1,0 +1,128 @@
+"""A run's folder, ``<paths.root>/<name>/<run name>``: its name, its identity, its lock and its status.
+
+The run name is a function of the hyperparameters a grid varies, so launching the same configuration again finds
+its own folder. The folder holds ``results.json`` (:mod:`lit_sharp.results`), ``run_config.json`` (the identity: the
+config keys that decide what the run computes), ``checkpoints/last.ckpt``, the W&B files and ``.lock``, which one
+process at a time holds while it trains or evaluates the run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lit_sharp.config import lock_mode, to_plain
+from lit_sharp.errors import ConfigError, UserError
+from lit_sharp.locks import hold
+from lit_sharp.results import RESULTS_FILE, flatten, make_record, run_status, write_results
+from lit_sharp.tracking import WANDB_ID_FILE
+
+IDENTITY_FILE = "run_config.json"
+#: Config keys that change what a run computes; two launches into one run folder must agree on them.
+IDENTITY_PREFIXES = ("model.", "module.", "data.augment", "data.randaugment", "data.batch_size", "data.synthetic",
+                     "data.clean_train_size", "data.sharpness_size", "data.sharpness_batch_size", "data.drop_last",
+                     "trainer.max_epochs", "trainer.max_steps", "trainer.precision", "seed")
+#: ... except these, which change speed only.
+SPEED_ONLY_KEYS = ("module.check_finite_every", "module.channels_last", "module.compile")
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+FINAL_STATUSES = ("completed", "diverged")
+RUN_LOCK = ".lock"
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """The hyperparameters a grid varies, in the ``results.json`` layout."""
+    return {
+        "model": str(cfg.model.name),
+        "lr": float(cfg.module.lr),
+        "sam_rho": float(cfg.module.sam_rho),
+        "mixup_alpha": float(cfg.module.mixup_alpha),
+        "augment": bool(cfg.data.augment),
+        "seed": int(cfg.seed),
+        "sam_adaptive": bool(cfg.module.sam_adaptive),
+    }
+
+
+def run_name(hparams: dict[str, Any], sam_adaptive: bool | None = None) -> str:
+    """A folder name that is a function of the hyperparameters, e.g. ``resnet18_lr0.1_rho0.05_mix0.5_aug1_s0``."""
+    name = (
+        f"{hparams['model']}_lr{hparams['lr']:g}_rho{hparams['sam_rho']:g}"
+        f"_mix{hparams['mixup_alpha']:g}_aug{int(hparams['augment'])}_s{hparams['seed']}"
+    )
+    adaptive = hparams.get("sam_adaptive", False) if sam_adaptive is None else sam_adaptive
+    return name + ("_asam" if adaptive else "")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """``<paths.root>/<name>/<run name>`` of the run that ``cfg`` describes."""
+    return Path(cfg.paths.root).expanduser().resolve() / cfg.name / run_name(hparams_of(cfg), cfg.module.sam_adaptive)
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a run resumes from (written at the end of every epoch)."""
+    return run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def source_run_dir(ckpt: Path) -> Path | None:
+    """The run folder ``ckpt`` was written in (``<run dir>/checkpoints/<file>`` of a lit_sharp run), else None."""
+    run_dir = ckpt.parent.parent
+    if ckpt.parent.name == CHECKPOINT_DIR and ((run_dir / RESULTS_FILE).is_file() or (run_dir / WANDB_ID_FILE).is_file()):
+        return run_dir
+    return None
+
+
+@contextmanager
+def run_lock(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock (see :func:`lit_sharp.locks.hold`); :class:`~lit_sharp.locks.LockBusy` if taken."""
+    with hold(run_dir / RUN_LOCK, mode=lock_mode(cfg)):
+        yield
+
+
+def identity_of(cfg: DictConfig) -> dict[str, Any]:
+    """The config keys that decide what a run computes (see :data:`IDENTITY_PREFIXES`), flat."""
+    flat = flatten(to_plain(cfg))
+    return {key: flat[key] for key in sorted(flat)
+            if key.startswith(IDENTITY_PREFIXES) and key not in SPEED_ONLY_KEYS}
+
+
+def claim_identity(cfg: DictConfig, run_dir: Path) -> None:
+    """Record the run's identity on first launch; refuse a later launch into the folder with another config.
+
+    The folder name carries only the grid's hyperparameters, so without this a run with, say, fewer epochs would
+    resume or skip a finished run of the full recipe.
+
+    Raises:
+        ConfigError: the folder holds a run of another configuration.
+    """
+    path = run_dir / IDENTITY_FILE
+    mine = identity_of(cfg)
+    if not path.is_file():
+        path.write_text(json.dumps(mine, indent=2, default=str))
+        return
+    theirs = json.loads(path.read_text())
+    changed = [f"{key}: {theirs.get(key)!r} -> {mine.get(key)!r}" for key in sorted(set(mine) | set(theirs))
+               if json.dumps(mine.get(key), default=str) != json.dumps(theirs.get(key), default=str)]
+    if changed:
+        raise ConfigError("name", cfg.name, f"{run_dir} holds a run of another configuration ({'; '.join(changed)}); "
+                          "choose another name=... for this variant, or delete that folder")
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the folder holds a run that a relaunch skips (completed or diverged)."""
+    return run_status(run_dir) in FINAL_STATUSES
+
+
+def record_refusal(cfg: DictConfig, run_dir: Path, exc: UserError) -> None:
+    """Write why a run was refused into its ``results.json``, unless the folder holds a finished run (kept as is)
+    or the error was already recorded (``exc.recorded``)."""
+    if is_finished(run_dir) or getattr(exc, "recorded", False):
+        return
+    record = make_record(name=run_dir.name, status="failed", seconds=0.0, wandb_id=None, hparams=hparams_of(cfg),
+                         config=to_plain(cfg), metrics={}, error=f"refused: {exc}")
+    record["run"]["refused"] = True
+    write_results(run_dir, record)

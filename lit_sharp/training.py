@@ -1,0 +1,207 @@
+"""Training one run: fit (or resume) a model, measure it, and write ``results.json``.
+
+A completed (or diverged) run is skipped, a run with a checkpoint resumes from it, and a failed run is trained
+again; one process at a time holds a run folder (:func:`lit_sharp.run_folder.run_lock`).
+
+A run is ``completed`` only with all its numbers: after training, every measurement (:mod:`lit_sharp.measurements`)
+whose results are not yet recorded is measured, so a relaunch after a crash during the measurements loads the
+finished checkpoint and measures, without training again. Until every measurement is in, ``results.json`` says
+``failed`` with the measurement that failed (or was under way when the process died) and its error, and a relaunch
+finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+
+from lit_sharp.assembly import build_datamodule, build_model, build_named_callbacks, build_trainer
+from lit_sharp.callbacks.metric_logging import log_final_metrics
+from lit_sharp.callbacks.run_clock import RunClock
+from lit_sharp.config import lock_dir, lock_mode, to_plain
+from lit_sharp.console import run_summary
+from lit_sharp.errors import UserError
+from lit_sharp.gpu_slots import gpu_slot, gpu_uuids, scheduler_owns_gpus
+from lit_sharp.locks import LockBusy
+from lit_sharp.measurements import MeasurementChecks, measured_at, split_measures
+from lit_sharp.module import Diverged
+from lit_sharp.results import ResultsError, make_record, read_results, run_status, write_results
+from lit_sharp.run_folder import (claim_identity, hparams_of, is_finished, last_checkpoint, record_refusal,
+                                  run_dir_of, run_lock)
+from lit_sharp.tracking import build_loggers, finish_wandb, log_config, run_tags, wandb_location
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and measure the run ``cfg`` describes (a validated, resolved config) unless it is already finished.
+
+    Returns:
+        The run's ``results.json`` record. When another process holds the run folder's lock (two launches of one
+        grid), nothing is trained and the record is ``{"run": {"name": ..., "status": "running"}}``.
+
+    Raises:
+        UserError: a bad config or missing data (also written into the run's ``results.json``).
+    """
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(cfg, run_dir):
+            try:
+                claim_identity(cfg, run_dir)
+                if is_finished(run_dir):
+                    log.info("skipping %s: already %s", run_dir, run_status(run_dir))
+                    return read_results(run_dir)
+                with _gpu_for(cfg) as devices:
+                    return _fit_and_measure(cfg, run_dir, devices)
+            except UserError as exc:
+                record_refusal(cfg, run_dir, exc)
+                raise
+    except LockBusy as busy:
+        log.warning("skipping %s: another process is training it (%s)", run_dir, busy)
+        return {"run": {"name": run_dir.name, "status": "running"}}
+
+
+@contextmanager
+def _gpu_for(cfg: DictConfig) -> Iterator[list[int] | None]:
+    """A GPU slot (see :mod:`lit_sharp.gpu_slots`) for a one-device run on a CUDA machine; else the config decides."""
+    wants_gpu = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") and cfg.trainer.devices in (1, "1")
+    if not (wants_gpu and torch.cuda.is_available()):
+        yield None
+        return
+    if scheduler_owns_gpus(os.environ):
+        yield None  # the job's own GPUs: Lightning takes the first
+        return
+    with gpu_slot(gpu_uuids(torch.cuda.device_count()), int(cfg.resources.runs_per_gpu), lock_dir=lock_dir(cfg),
+                  lock_mode=lock_mode(cfg)) as gpu:
+        yield [gpu]
+
+
+def _fit_and_measure(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[str, Any]:
+    hparams = hparams_of(cfg)
+    name = run_dir.name
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    module = hydra.utils.instantiate(cfg.module, model=build_model(cfg.model))
+    measures, callbacks = split_measures(build_named_callbacks(cfg))
+    loggers = build_loggers(cfg, run_dir, name, tags=run_tags(hparams, cfg))
+    log_config(loggers, cfg, hparams)
+    clock = RunClock()
+    checks = MeasurementChecks(list(measures.values()))
+    trainer = build_trainer(cfg, run_dir, loggers, [clock, checks, *callbacks], devices)
+    last = last_checkpoint(run_dir)
+    if last.is_file():
+        log.info("resuming %s from %s", name, last)
+    status, error = "completed", None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        module.check_finite()  # also a run whose training had already ended before this launch
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+    except UserError:
+        finish_wandb(loggers, {"run/status": "failed"}, exit_code=1)
+        raise
+    except Exception as exc:
+        _record(cfg, run_dir, loggers, "failed", clock.seconds, {}, f"{type(exc).__name__}: {exc}")
+        raise
+    if status == "completed" and trainer.state.status.value != "finished":
+        raise RuntimeError(f"training of {name} ended in state {trainer.state.status.value}; no results written")
+    if status == "diverged":
+        return _record(cfg, run_dir, loggers, status, clock.seconds, {}, error)
+    metrics, measured = _measure(cfg, run_dir, trainer, module, datamodule, measures, loggers, clock,
+                                 reuse=checks.steps_trained == 0)
+    return _record(cfg, run_dir, loggers, "completed", clock.seconds, metrics, None, measured=measured)
+
+
+def _measure(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any,
+             measures: dict[str, Callback], loggers: list[Logger], clock: RunClock,
+             reuse: bool) -> tuple[dict[str, float], list[str]]:
+    """Measure the trained model with every measurement not yet recorded; record progress in ``results.json``.
+
+    Before each measurement the record says ``failed`` with that measurement under way, so a process killed while
+    measuring leaves a true, retryable record; a measurement that raises leaves its error. Numbers recorded by an
+    earlier process for the same final checkpoint (``reuse``) are kept, not measured again.
+
+    Raises:
+        Exception: the first measurement that fails, after recording it.
+    """
+    metrics: dict[str, float] = {}
+    measured: list[str] = []
+    previous = _previous_record(run_dir) if reuse else None
+    if previous is not None:
+        measured = [key for key in previous["run"].get("measured", []) if key in measures]
+        metrics = {key: value for key, value in previous["metrics"].items() if value is not None}
+        if measured:
+            log.info("%s: keeping the recorded measurements %s", run_dir.name, ", ".join(measured))
+    # Lightning hands the model back on the CPU after fit; measure where it trained.
+    module.to(trainer.strategy.root_device)
+    for key, callback in measures.items():
+        if key in measured:
+            continue
+        _record(cfg, run_dir, [], "failed", clock.seconds, metrics, f"stopped while measuring {key}",
+                measured=measured, measuring=key, announce=False)
+        try:
+            results = (measured_at(callback, trainer.global_step)
+                       or callback.measure(module, datamodule, progress=trainer.is_global_zero))
+        except Exception as exc:
+            error = f"measurement {key} failed: {type(exc).__name__}: {exc}"
+            _record(cfg, run_dir, loggers, "failed", clock.seconds, metrics, error, measured=measured, measuring=key)
+            exc.recorded = True  # type: ignore[attr-defined] - the record names the measurement; keep it
+            raise
+        metrics.update(results)
+        measured.append(key)
+        try:
+            log_final_metrics(trainer, results)
+        except Exception as exc:  # noqa: BLE001 - the W&B summary gets every number when the run is recorded
+            log.warning("%s: logging %s failed (%s: %s); the numbers go into the final record", run_dir.name, key,
+                        type(exc).__name__, exc)
+    return metrics, measured
+
+
+def _previous_record(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return read_results(run_dir)
+    except ResultsError:
+        return None
+
+
+def _record(cfg: DictConfig, run_dir: Path, loggers: list[Logger], status: str, seconds: float,
+            metrics: dict[str, float], error: str | None, *, measured: list[str] | None = None,
+            measuring: str | None = None, announce: bool = True) -> dict[str, Any]:
+    """Write the run's record; with ``loggers``, also close its W&B run with the same numbers.
+
+    ``announce=False`` marks a progress record (true if the process dies now; the run goes on): no console summary.
+    """
+    summary = {"run/status": status, "run/seconds": seconds, **metrics}
+    where = wandb_location(loggers)
+    try:
+        wandb_id = finish_wandb(loggers, summary, exit_code=0 if status != "failed" else 1)
+    except Exception as exc:
+        if status != "completed":
+            raise
+        # The numbers are safe in results.json; the run stays retryable until W&B has them too.
+        status, error = "failed", f"W&B could not record the summary: {type(exc).__name__}: {exc}"
+        wandb_id = None
+    record = make_record(name=run_dir.name, status=status, seconds=seconds, wandb_id=wandb_id, hparams=hparams_of(cfg),
+                         config=to_plain(cfg), metrics=metrics, error=error)
+    if measured is not None:
+        record["run"]["measured"] = list(measured)
+    if measuring is not None:
+        record["run"]["measurement"] = measuring
+    write_results(run_dir, record)
+    if announce:
+        log.info("%s", run_summary(record, run_dir, where))
+    else:
+        log.debug("%s: recorded as %s (%s)", run_dir.name, status, error)
+    return record
