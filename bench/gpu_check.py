@@ -101,8 +101,8 @@ DRY = Sizes("cpu", steps=6, warmup=1, batch=8, n_images=16, log_every=3, preset_
 
 
 class MidRunCheckpoint(ModelCheckpoint):
-    """The training runs' own checkpointing (``lit_sharp.train``: at an epoch's end), every ``every_n_epochs``,
-    timing itself so that the throughput can leave it out."""
+    """The training runs' own checkpointing (``lit_sharp.assembly.checkpointing``: at an epoch's end), every
+    ``every_n_epochs``, timing itself so that the throughput can leave it out."""
 
     def __init__(self, dirpath: Path, every_n_epochs: int) -> None:
         super().__init__(dirpath=str(dirpath), filename="mid", save_top_k=1, monitor=None, every_n_epochs=every_n_epochs,

@@ -79,7 +79,7 @@ class ClassifierModule(pl.LightningModule):
         super().__init__()
         if check_finite_every < 1:
             raise ValueError(f"check_finite_every must be >= 1, got {check_finite_every}")
-        # logger=False: the run logs its whole config once, as flat dotted keys (lit_sharp.train).
+        # logger=False: the run logs its whole config once, as flat dotted keys (lit_sharp.tracking.log_config).
         self.save_hyperparameters(ignore=["model"], logger=False)
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         # A plain function attribute, not a module: it adds no state_dict keys. (nn.Module.compile compiles the
