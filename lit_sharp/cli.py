@@ -21,9 +21,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from lit_sharp.config import CONFIG_DIR
 from lit_sharp.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 OUTCOME_FILE = "outcome.json"
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     """Train (or evaluate) the run ``cfg`` describes; see the module docstring for what failures do."""
+    # Imported here, not at the top: torch and Lightning load only for a job that runs (not for --help or --cfg).
     from lit_sharp.train import run
 
     in_grid = HydraConfig.get().mode == RunMode.MULTIRUN

@@ -16,6 +16,8 @@ from lit_sharp.errors import ConfigError
 from lit_sharp.locks import default_lock_dir
 from lit_sharp.models.vit import VARIANTS as SIMPLEVIT_VARIANTS
 
+#: The Hydra configs of the study (package data): ``train.yaml`` and its groups.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODELS = ("resnet18", "simplevit")
 MODES = ("train", "eval")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
