@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -233,9 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid not in available:
         print(f"error: unknown grid {args.grid!r}; available: {', '.join(available)}", file=sys.stderr)
         return 2
-    if args.command == "sync":
-        return _sync(args.grid, args.overrides, dry_run=args.dry_run)
-    rows = status_with_reasons(args.grid, args.overrides)
+    try:
+        if args.command == "sync":
+            return _sync(args.grid, args.overrides, dry_run=args.dry_run)
+        rows = status_with_reasons(args.grid, args.overrides)
+    except HydraException as exc:  # an override the grid's config refuses
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     counts = Counter(state for _, state, _ in rows)
     print(f"grid {args.grid}: {len(rows)} runs")
     by_state: dict[str, list[Path]] = {state: [] for state in STATES}

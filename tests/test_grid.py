@@ -96,13 +96,15 @@ def test_sweeps_that_add_force_and_delete_give_the_configs_hydra_composes(config
 
 @pytest.mark.parametrize("key,value", [("+module.lr", "1"), ("~module.lr", "3"), ("~module.nokey", "null"),
                                        ("module.nokey", "1"), ("+module.nokey@foo", "1")])
-def test_a_sweep_hydra_refuses_fails_with_hydras_message(configs, key, value):
+def test_a_sweep_hydra_refuses_fails_with_hydras_message(configs, capsys, key, value):
     write_grid(configs, "refused", {key: value})
     with pytest.raises(ConfigCompositionException) as hydra_error:
         hydra_compose(configs, [f"{key}={value}", "grid=refused"])
     with pytest.raises(ConfigCompositionException) as error:
         expand("refused")
     assert str(error.value) == str(hydra_error.value)
+    assert grid_main(["status", "refused"]) == 2
+    assert capsys.readouterr().err == f"error: {hydra_error.value}\n"
 
 
 def test_a_launch_override_of_a_swept_key_replaces_the_sweep_as_in_hydra():
