@@ -1,20 +1,28 @@
 """Grids: expansion, the local and submitit launchers, relaunch without repeats, locks, resume after a kill."""
 
+import itertools
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import REPO, compose_config, subprocess_env, tiny_run_overrides
+from conftest import CONFIGS, REPO, compose_config, subprocess_env, tiny_run_overrides
 from filelock import FileLock
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from wandb_offline import offline_runs
 
+import lit_sharp.grid
 from lit_sharp.analysis import main as analysis_main
 from lit_sharp.gpu_slots import gpu_slot
-from lit_sharp.grid import expand, main as grid_main, status
+from lit_sharp.grid import expand, main as grid_main, status, sweep_combos
 from lit_sharp.results import read_results
 from lit_sharp.train import run, run_dir_of
 
@@ -36,6 +44,92 @@ def test_paper_grids_expand_to_204_distinct_runs(grid):
     assert (first.trainer.max_epochs, first.data.batch_size, first.module.momentum) == (200, 128, 0.9)
     assert (first.module.weight_decay, first.module.warmup_fraction) == (5e-4, 0.4)
     assert first.logger.group == grid
+
+
+@pytest.fixture
+def configs(tmp_path, monkeypatch):
+    """A copy of the configs, read by lit_sharp.grid, that a test adds grids to."""
+    copy = tmp_path / "configs"
+    shutil.copytree(CONFIGS, copy)
+    monkeypatch.setattr(lit_sharp.grid, "CONFIG_DIR", copy)
+    return copy
+
+
+def write_grid(configs, name, params):
+    """A grid of the quickstart experiment sweeping ``params`` ({key: sweep string})."""
+    grid = {"defaults": [{"override /experiment": "quickstart"}], "name": name,
+            "hydra": {"mode": "MULTIRUN", "sweeper": {"params": params}}}
+    (configs / "grid" / f"{name}.yaml").write_text("# @package _global_\n" + OmegaConf.to_yaml(grid))
+
+
+def hydra_compose(configs, overrides):
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+EDITS = {
+    "+module.extra": "1,2",  # adds a key
+    "++module.sam_rho": "0,0.05",  # sets a key that is there
+    "++data.note": "a",  # adds a key that is not there
+    "~trainer.enable_progress_bar": "true",  # deletes a key if its value matches
+    "~callbacks.corruption": "null",  # deletes a key
+}
+
+
+@pytest.mark.parametrize("groups", [(), ("resnet18", "simplevit")], ids=["values", "values_and_groups"])
+def test_sweeps_that_add_force_and_delete_give_the_configs_hydra_composes(configs, groups):
+    write_grid(configs, "edits", {**({"model": ",".join(groups)} if groups else {}), **EDITS})
+    launch = ["~callbacks.sharpness", "+module.note=x", "++seed=3"]
+    cfgs = expand("edits", launch)
+    # The overrides of each run, in the basic sweeper's order: the grid's parameters, then the launch's.
+    runs = [[*([f"model={model}"] if model else []), f"+module.extra={extra}", f"++module.sam_rho={rho}",
+             "++data.note=a", "~trainer.enable_progress_bar=true", "~callbacks.corruption=null", "grid=edits", *launch]
+            for model, extra, rho in itertools.product(groups or [None], (1, 2), (0, 0.05))]
+    assert [OmegaConf.to_yaml(cfg) for cfg in cfgs] == [OmegaConf.to_yaml(hydra_compose(configs, run)) for run in runs]
+    assert [(cfg.module.extra, cfg.module.sam_rho, cfg.module.note, cfg.seed) for cfg in cfgs[:2]] == [
+        (1, 0, "x", 3), (1, 0.05, "x", 3)]
+    assert all(cfg.data.note == "a" and "enable_progress_bar" not in cfg.trainer for cfg in cfgs)
+    assert all(set(cfg.callbacks) == {"final_errors"} for cfg in cfgs)
+    if groups:
+        assert [cfg.model.name for cfg in cfgs] == [model for model in groups for _ in range(4)]
+
+
+@pytest.mark.parametrize("key,value", [("+module.lr", "1"), ("~module.lr", "3"), ("~module.nokey", "null"),
+                                       ("module.nokey", "1"), ("+module.nokey@foo", "1")])
+def test_a_sweep_hydra_refuses_fails_with_hydras_message(configs, capsys, key, value):
+    write_grid(configs, "refused", {key: value})
+    with pytest.raises(ConfigCompositionException) as hydra_error:
+        hydra_compose(configs, [f"{key}={value}", "grid=refused"])
+    with pytest.raises(ConfigCompositionException) as error:
+        expand("refused")
+    assert str(error.value) == str(hydra_error.value)
+    assert grid_main(["status", "refused"]) == 2
+    assert capsys.readouterr().err == f"error: {hydra_error.value}\n"
+
+
+def test_a_launch_override_of_a_swept_key_replaces_the_sweep_as_in_hydra():
+    cfgs = expand("smoke", ["module.sam_rho=0.1"])
+    assert [(cfg.module.sam_rho, cfg.module.mixup_alpha) for cfg in cfgs] == [(0.1, 0.0), (0.1, 0.5)]
+
+
+def test_hydra_basic_sweeper_still_expands_sweeps_as_grid_expects():
+    # sweep_combos calls a Hydra internal (there is no public API for the basic sweeper's expansion).
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        sweep = parser.parse_overrides(["model=glob([resnet18,simplevit])", "seed=range(0,3)",
+                                        "module.lr=choice(0.1,0.2)", "name=x", "module.lr=0.3"])
+        try:
+            combos = sweep_combos(sweep)
+        except (ImportError, AttributeError, TypeError) as exc:
+            pytest.fail(f"Hydra's basic sweeper (hydra._internal.core_plugins.basic_sweeper.BasicSweeper."
+                        f"split_arguments) is gone or changed its signature; lit_sharp.grid.sweep_combos must "
+                        f"follow: {exc!r}")
+    expected = [[f"model={model}", f"seed={seed}", "module.lr=0.3", "name=x"]
+                for model in ("resnet18", "simplevit") for seed in range(3)]
+    assert combos == expected, (
+        "Hydra's basic sweeper no longer expands a glob x range sweep (a later value of a key replacing an earlier "
+        f"choice) into these 6 runs in this order; lit_sharp.grid.sweep_combos must follow.\ngot:      {combos}"
+        f"\nexpected: {expected}")
 
 
 def smoke_command(synthetic_root, runs, *launcher):
