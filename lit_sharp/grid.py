@@ -32,10 +32,11 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from lit_sharp.cli import CONFIG_DIR
+from lit_sharp.config import CONFIG_DIR
 from lit_sharp.locks import is_held
 from lit_sharp.results import ResultsError, read_results, run_status
 from lit_sharp.run_folder import CHECKPOINT_DIR, LAST_CHECKPOINT, RUN_LOCK, run_dir_of
+
 STATES = ("completed", "running", "resumable", "failed", "diverged", "pending")
 
 
