@@ -31,6 +31,7 @@ from lit_sharp.analysis import (
     main,
     measure_sort_key,
     parse_measure,
+    scatter_runs,
     split_by_train_err,
     wandb_target,
 )
@@ -375,6 +376,22 @@ def test_tables_and_figures_written(tmp_path: Path, capsys: pytest.CaptureFixtur
     # A constant measure has no rank correlation.
     assert "| Standard worst-case ℓ2 | No | 0.25 | – | – | 6 |" in table
     assert table.index("Adaptive avg-case ℓ2") < table.index("Adaptive worst-case ℓ∞")
+
+
+def test_asam_runs_get_their_architectures_headline_measures_in_png_and_wandb_alike(tmp_path: Path) -> None:
+    headline = "worst_linf_adaptive_ln_rho0.002"
+    records = [
+        run_record(f"r{i}", lr=0.02 * 2**i, sam_rho=0.05,
+                   metrics=error_metrics(0.0, 0.1 + 0.01 * i, 0.3 - 0.01 * i, **{headline: 0.5 + i}))
+        for i in range(4)
+    ]
+    for record in records:
+        record["hparams"]["sam_adaptive"] = True
+    out = tmp_path / "out"
+    main([str(write_grid(tmp_path / "grid", records)), "--out", str(out)])
+
+    assert {path.name for path in out.glob("fig*.png")} == {f"fig{k}_resnet18_asam_{headline}.png" for k in (5, 6)}
+    assert [(model, measure) for model, measure, _ in scatter_runs(records)] == [("resnet18_asam", headline)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

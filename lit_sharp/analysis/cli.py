@@ -14,7 +14,7 @@ from typing import Any
 
 from lit_sharp.analysis.figures import draw_figures
 from lit_sharp.analysis.kendall import DEFAULT_BOOTSTRAP, correlations
-from lit_sharp.analysis.measures import HEADLINE_MEASURES, SHARPNESS_PREFIX
+from lit_sharp.analysis.measures import SHARPNESS_PREFIX, headline_measures
 from lit_sharp.analysis.records import (
     DEFAULT_MAX_TRAIN_ERR,
     TRAIN_ERR,
@@ -179,7 +179,7 @@ def _draw_all_figures(kept: Sequence[Record], requested: Sequence[str], out_dir:
     extra = [name.removeprefix(SHARPNESS_PREFIX) for name in requested]
     figures: list[Path] = []
     for model, model_kept in by_model(kept).items():
-        measures = list(dict.fromkeys([*HEADLINE_MEASURES.get(model.removesuffix("_asam"), ()), *extra]))
+        measures = list(dict.fromkeys([*headline_measures(model), *extra]))
         paths, notes = draw_figures(model_kept, model, measures, out_dir)
         for note in notes:
             log.info(note)

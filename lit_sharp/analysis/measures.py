@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lit_sharp.analysis.records import Record
+from lit_sharp.analysis.records import ASAM_SUFFIX, Record
 
 SHARPNESS_PREFIX = "sharpness/"
 
@@ -20,6 +20,12 @@ HEADLINE_MEASURES = {
     "resnet18": ("worst_linf_adaptive_ln_rho0.002", "worst_linf_adaptive_rho0.001"),
     "simplevit": ("worst_linf_adaptive_ln_rho0.002", "worst_linf_adaptive_rho0.0005"),
 }
+
+def headline_measures(model: str) -> tuple[str, ...]:
+    """The headline measures of a model key of :func:`lit_sharp.analysis.records.model_key` (ASAM runs: their
+    architecture's)."""
+    return HEADLINE_MEASURES.get(model.removesuffix(ASAM_SUFFIX), ())
+
 
 _MEASURE_NAME = re.compile(
     r"^(?P<kind>worst|average)_(?P<norm>linf|l2)_(?P<scale>adaptive|standard)(?P<ln>_ln)?_rho(?P<rho>[0-9.eE+-]+)$"

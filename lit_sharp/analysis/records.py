@@ -10,6 +10,9 @@ from typing import Any
 
 from lit_sharp.results import ResultsError, find_results, read_results, subgroup_of
 
+#: Appended to the architecture of ASAM runs (:func:`model_key`).
+ASAM_SUFFIX = "_asam"
+
 Record = dict[str, Any]
 
 TRAIN_ERR = "final/train_err"
@@ -101,7 +104,7 @@ def by_model(records: Iterable[Record]) -> dict[str, list[Record]]:
 
 def model_key(hparams: Mapping[str, Any]) -> str:
     """The architecture, with ``_asam`` for ASAM runs: SAM and ASAM minimise different objectives, never pooled."""
-    return str(hparams["model"]) + ("_asam" if hparams.get("sam_adaptive") else "")
+    return str(hparams["model"]) + (ASAM_SUFFIX if hparams.get("sam_adaptive") else "")
 
 
 def split_by_train_err(

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lit_sharp.analysis.measures import HEADLINE_MEASURES, SHARPNESS_PREFIX
+from lit_sharp.analysis.measures import SHARPNESS_PREFIX, headline_measures
 from lit_sharp.analysis.records import C10C_ERR, TEST_ERR, Record, by_model, metric
 from lit_sharp.analysis.tables import CSV_COLUMNS
 from lit_sharp.results import subgroup_of
@@ -90,7 +90,7 @@ def scatter_runs(
     extra = [name.removeprefix(SHARPNESS_PREFIX) for name in requested]
     out = []
     for model, model_kept in by_model(kept).items():
-        for measure in dict.fromkeys([*HEADLINE_MEASURES.get(model, ()), *extra]):
+        for measure in dict.fromkeys([*headline_measures(model), *extra]):
             runs = [record for record in model_kept if metric(record, SHARPNESS_PREFIX + measure) is not None]
             if runs:
                 out.append((model, measure, runs))
