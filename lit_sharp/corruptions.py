@@ -18,8 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from torch import nn
 
 from lit_sharp.constants import CORRUPTIONS, NUM_CLASSES, SEVERITIES
 from lit_sharp.errors import DataError
+from lit_sharp.eval_mode import evaluation_mode
 from lit_sharp.evaluation import ClassificationError
 from lit_sharp.normalization import normalize
 
@@ -129,7 +129,7 @@ def corruption_error(
 
     wrong: dict[tuple[str, int], int] = {}
     counted: dict[tuple[str, int], int] = {}
-    with _evaluation_mode(model):
+    with evaluation_mode(model), torch.no_grad():
         for corruption in CORRUPTIONS:
             images = _open_images(folder / f"{corruption}.npy", len(labels), root)
             for severity, rows in _cells(protocol, n):
@@ -251,19 +251,6 @@ def _count_wrong(
         metric.update(logits, torch.from_numpy(labels[start:stop]).to(logits.device))
     wrong, _ = metric.counts()  # one device sync per cell, not per batch
     return wrong
-
-
-@contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode without gradients; afterwards every submodule's own training flag is as before."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -9,6 +9,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_sharp.constants import NUM_CLASSES
+from lit_sharp.eval_mode import evaluation_mode
 
 
 class ClassificationError(MulticlassAccuracy):
@@ -51,7 +52,7 @@ class ClassificationError(MulticlassAccuracy):
 
 @torch.no_grad()
 def classification_error(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Fraction of misclassified examples, with the model in evaluation mode (its training flag is restored).
+    """Fraction of misclassified examples, with the model in evaluation mode (every module's training flag is restored).
 
     Args:
         model: maps inputs to logits.
@@ -61,18 +62,14 @@ def classification_error(model: nn.Module, batches: Iterable[tuple[torch.Tensor,
         ValueError: ``batches`` is empty.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     metric = None
-    try:
+    with evaluation_mode(model):
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             if metric is None:
                 metric = ClassificationError(logits.shape[-1]).to(device)
             metric.update(logits, y)
-    finally:
-        model.train(was_training)
     if metric is None:
         raise ValueError("no examples to evaluate: the data loader is empty")
     wrong, seen = metric.counts()

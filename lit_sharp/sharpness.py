@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_sharp.eval_mode import evaluation_mode
+
 __all__ = [
     "CURVATURE_KINDS",
     "KINDS",
@@ -521,11 +523,10 @@ def _evaluation_context(model: nn.Module) -> Iterator[_FlatWeights]:
         weights = _FlatWeights(model)
         stack.enter_context(torch.autocast(device_type=weights.device.type, enabled=False))
         stack.enter_context(_forked_rng(weights.device))
-        modes = [(module, module.training) for module in model.modules()]
+        stack.enter_context(evaluation_mode(model))
         requires_grad = [param.requires_grad for param in weights.params]
         buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
         try:
-            model.eval()
             for param in weights.params:
                 param.requires_grad_(True)
             yield weights
@@ -536,8 +537,6 @@ def _evaluation_context(model: nn.Module) -> Iterator[_FlatWeights]:
                     buffer.copy_(saved)
             for param, flag in zip(weights.params, requires_grad):
                 param.requires_grad_(flag)
-            for module, mode in modes:
-                module.training = mode
 
 
 def _forked_rng(device: torch.device) -> AbstractContextManager[None]:
