@@ -247,7 +247,7 @@ def _count_wrong(
                 f"returned shape {tuple(logits.shape)}"
             )
         if metric is None:
-            metric = ClassificationError(logits.shape[1]).to(logits.device)
+            metric = ClassificationError().to(logits.device)
         metric.update(logits, torch.from_numpy(labels[start:stop]).to(logits.device))
     wrong, _ = metric.counts()  # one device sync per cell, not per batch
     return wrong
