@@ -15,19 +15,21 @@ batch at a time, so at most one batch of one file is in memory (a full file is 1
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from lit_sharp.constants import CIFAR10_MEAN, CIFAR10_STD, CORRUPTIONS, NUM_CLASSES, SEVERITIES
+from lit_sharp.constants import CORRUPTIONS, NUM_CLASSES, SEVERITIES
 from lit_sharp.errors import DataError
+from lit_sharp.eval_mode import evaluation_mode
 from lit_sharp.evaluation import ClassificationError
+from lit_sharp.normalization import normalize
 
 __all__ = [
     "CIFAR10C_FOLDER",
@@ -123,15 +125,15 @@ def corruption_error(
     n = len(labels) // len(SEVERITIES)
     folder = root / CIFAR10C_FOLDER
     device = torch.device(device) if device is not None else _device_of(model)
-    normalize = _Normalizer(device, _floating_dtype_of(model))
+    to_input = functools.partial(_model_input, device=device, dtype=_floating_dtype_of(model))
 
     wrong: dict[tuple[str, int], int] = {}
     counted: dict[tuple[str, int], int] = {}
-    with _evaluation_mode(model):
+    with evaluation_mode(model), torch.no_grad():
         for corruption in CORRUPTIONS:
             images = _open_images(folder / f"{corruption}.npy", len(labels), root)
             for severity, rows in _cells(protocol, n):
-                wrong[corruption, severity] = _count_wrong(model, images, labels, rows, batch_size, normalize)
+                wrong[corruption, severity] = _count_wrong(model, images, labels, rows, batch_size, to_input)
                 counted[corruption, severity] = len(rows)
             del images  # drop the mapping before the next file is opened
 
@@ -218,54 +220,37 @@ def _cells(protocol: str, n: int) -> list[tuple[int, range]]:
 # Evaluation
 
 
-class _Normalizer:
-    """uint8 ``(B, 32, 32, 3)`` batches -> normalized ``(B, 3, 32, 32)`` tensors, bitwise as torchvision's
-    ``ToTensor`` then ``Normalize`` compute them (float32 ``x / 255``, then ``(x - mean) / std``)."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device = device
-        self.dtype = dtype
-        self.mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32, device=device)  # (3,): broadcasts over HWC
-        self.std = torch.tensor(CIFAR10_STD, dtype=torch.float32, device=device)
-
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        # copied out of the read-only memory map; the uint8 batch crosses to the device, a quarter of its float32 bytes
-        batch = torch.from_numpy(np.array(images, dtype=np.uint8)).to(self.device)  # (B, 32, 32, 3) uint8
-        # elementwise work in the contiguous HWC layout, then one transposing copy: faster than the other order
-        batch = batch.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
-        return batch.permute(0, 3, 1, 2).contiguous().to(self.dtype)  # (B, 3, 32, 32)
+def _model_input(images: np.ndarray, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 ``(B, 32, 32, 3)`` images -> normalized ``(B, 3, 32, 32)``, bitwise as torchvision's ``ToTensor`` then
+    ``Normalize`` compute them (float32 ``x / 255``, then ``(x - mean) / std``), in the model's dtype."""
+    # copied out of the read-only memory map; the uint8 batch crosses to the device, a quarter of its float32 bytes
+    batch = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device)
+    # elementwise work in the contiguous HWC layout, then one transposing copy: faster than the other order
+    return normalize(batch, channels_dim=-1).permute(0, 3, 1, 2).contiguous().to(dtype)
 
 
 def _count_wrong(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, rows: range, batch_size: int, normalize: _Normalizer
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    rows: range,
+    batch_size: int,
+    to_input: Callable[[np.ndarray], torch.Tensor],
 ) -> int:
     metric = None
     for start in range(rows.start, rows.stop, batch_size):
         stop = min(start + batch_size, rows.stop)
-        logits = model(normalize(images[start:stop]))
+        logits = model(to_input(images[start:stop]))
         if logits.ndim != 2 or logits.shape[0] != stop - start:
             raise ValueError(
                 f"the model must return logits of shape (batch, classes); for a batch of {stop - start} images it "
                 f"returned shape {tuple(logits.shape)}"
             )
         if metric is None:
-            metric = ClassificationError(logits.shape[1]).to(logits.device)
+            metric = ClassificationError().to(logits.device)
         metric.update(logits, torch.from_numpy(labels[start:stop]).to(logits.device))
     wrong, _ = metric.counts()  # one device sync per cell, not per batch
     return wrong
-
-
-@contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode without gradients; afterwards every submodule's own training flag is as before."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -6,22 +6,20 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
-from lit_sharp.constants import NUM_CLASSES
+from lit_sharp.eval_mode import evaluation_mode
+from lit_sharp.top1 import misclassified
 
 
-class ClassificationError(MulticlassAccuracy):
-    """Top-1 error ``1 - accuracy`` = ``wrong / seen``, a torchmetrics metric (accumulates over batches and devices).
+class ClassificationError(Metric):
+    """Top-1 error ``wrong / seen``, a torchmetrics metric (accumulates over batches and devices).
 
-    torchmetrics' micro-averaged ``MulticlassAccuracy`` keeps integer counts (``tp``: right, ``fn``: wrong) and
-    divides in float32. :meth:`compute` divides the same counts in float64 instead, so the error of ``n`` images is
-    exactly the fraction ``wrong / n`` (what ``results.json`` records and the tests check), not ``1 - acc`` rounded
-    to float32. Arguments are not validated on update: validation reads tensors back to the host, and a running
+    A mistake is :func:`lit_sharp.top1.misclassified`: the arg-max of the logits differs from the label (soft labels
+    count as their arg-max). The counts are integers, summed across processes; :meth:`compute` divides them in
+    float64, so the error of ``n`` images is exactly the fraction ``wrong / n`` (what ``results.json`` records and the
+    tests check). Arguments are not validated on update: validation reads tensors back to the host, and a running
     metric must not synchronise on every batch.
-
-    Args:
-        num_classes: number of classes of the logits.
 
     Example::
 
@@ -30,8 +28,20 @@ class ClassificationError(MulticlassAccuracy):
         metric.compute()  # tensor(0.25, dtype=torch.float64)
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__(num_classes=num_classes, average="micro", validate_args=False)
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("wrong", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("seen", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Count the mistakes of one batch of ``(B, classes)`` logits against ``(B,)`` or ``(B, classes)`` labels."""
+        mistakes = misclassified(logits, targets)
+        self.wrong += mistakes.sum()
+        self.seen += mistakes.numel()
 
     def compute(self) -> torch.Tensor:
         """``wrong / seen`` in float64 (NaN before any update)."""
@@ -40,8 +50,7 @@ class ClassificationError(MulticlassAccuracy):
 
     def counts_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(wrong, seen)`` as integer tensors on the metric's device (no host synchronisation)."""
-        # micro top-1: every sample adds 1 to tp (right) or to fn (wrong)
-        return self.fn.sum(), (self.tp + self.fn).sum()
+        return self.wrong, self.seen
 
     def counts(self) -> tuple[int, int]:
         """``(wrong, seen)`` as Python integers (one host synchronisation)."""
@@ -51,7 +60,7 @@ class ClassificationError(MulticlassAccuracy):
 
 @torch.no_grad()
 def classification_error(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Fraction of misclassified examples, with the model in evaluation mode (its training flag is restored).
+    """Fraction of misclassified examples, with the model in evaluation mode (every module's training flag is restored).
 
     Args:
         model: maps inputs to logits.
@@ -61,19 +70,12 @@ def classification_error(model: nn.Module, batches: Iterable[tuple[torch.Tensor,
         ValueError: ``batches`` is empty.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    metric = None
-    try:
+    metric = ClassificationError().to(device)
+    with evaluation_mode(model):
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            if metric is None:
-                metric = ClassificationError(logits.shape[-1]).to(device)
-            metric.update(logits, y)
-    finally:
-        model.train(was_training)
-    if metric is None:
-        raise ValueError("no examples to evaluate: the data loader is empty")
+            metric.update(model(x), y)
     wrong, seen = metric.counts()
+    if seen == 0:
+        raise ValueError("no examples to evaluate: the data loader is empty")
     return wrong / seen

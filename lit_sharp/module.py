@@ -15,6 +15,7 @@ from lit_sharp.mixup import mix_batch, mixup_lambda
 from lit_sharp.models.convert import is_old_layout, old_layout_error
 from lit_sharp.sam import SAM, BatchNormStatsFreezer
 from lit_sharp.schedule import warmup_linear_lr
+from lit_sharp.top1 import batch_error
 
 
 class Diverged(RuntimeError):
@@ -92,7 +93,7 @@ class ClassifierModule(pl.LightningModule):
         self.automatic_optimization = False
         self._nonfinite: torch.Tensor | None = None
         # Accumulated on the device and read once per validation epoch, when Lightning computes them.
-        self.val_err = ClassificationError(num_classes)
+        self.val_err = ClassificationError()
         self.val_loss = MeanMetric()
         self._lr_table: torch.Tensor | None = None
 
@@ -128,7 +129,7 @@ class ClassifierModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
         # Error against the clean labels, from pass 1 (the pass whose loss is logged).
-        err = (logits.detach().argmax(dim=1) != y).float().mean()
+        err = batch_error(logits.detach(), y)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True)
         self.log("train/err", err, on_step=True, on_epoch=True)
         self.log("train/lr", self._lr_on_device(), on_step=True, on_epoch=False)

@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_sharp.eval_mode import evaluation_mode
+from lit_sharp.top1 import batch_error
+
 __all__ = [
     "CURVATURE_KINDS",
     "KINDS",
@@ -521,11 +524,10 @@ def _evaluation_context(model: nn.Module) -> Iterator[_FlatWeights]:
         weights = _FlatWeights(model)
         stack.enter_context(torch.autocast(device_type=weights.device.type, enabled=False))
         stack.enter_context(_forked_rng(weights.device))
-        modes = [(module, module.training) for module in model.modules()]
+        stack.enter_context(evaluation_mode(model))
         requires_grad = [param.requires_grad for param in weights.params]
         buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
         try:
-            model.eval()
             for param in weights.params:
                 param.requires_grad_(True)
             yield weights
@@ -536,8 +538,6 @@ def _evaluation_context(model: nn.Module) -> Iterator[_FlatWeights]:
                     buffer.copy_(saved)
             for param, flag in zip(weights.params, requires_grad):
                 param.requires_grad_(flag)
-            for module, mode in modes:
-                module.training = mode
 
 
 def _forked_rng(device: torch.device) -> AbstractContextManager[None]:
@@ -591,7 +591,7 @@ class _Objective:
         with torch.set_grad_enabled(with_gradient):
             loss, logits = self._loss_and_logits()
         gradient = self.weights.gradient(loss) if with_gradient else None
-        return loss.detach(), _error(logits.detach(), self.y), gradient
+        return loss.detach(), batch_error(logits.detach(), self.y), gradient
 
     def _loss_and_logits(self) -> tuple[Tensor, Tensor]:
         logits = self.model(self.x)
@@ -601,12 +601,6 @@ class _Objective:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor (e.g. a mean over the batch)")
         return loss.reshape(()), logits
-
-
-def _error(logits: Tensor, y: Tensor) -> Tensor:
-    # Soft targets (batch, classes) count against their most likely class.
-    labels = y if y.dim() == logits.dim() - 1 else y.argmax(dim=-1)
-    return (logits.argmax(dim=-1) != labels).float().mean()
 
 
 def _worst_case(

@@ -21,11 +21,11 @@ from lit_sharp.data.device_pipeline import (
     DeviceTrainLoader,
     apply_ops,
     crop_flip,
-    normalize,
     op_magnitude,
     rand_augment,
     random_crop_flip,
 )
+from lit_sharp.normalization import normalize
 from lit_sharp.seeding import AUGMENT_STREAM, derived_seed
 
 aten = torch.ops.aten

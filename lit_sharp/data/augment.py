@@ -17,7 +17,8 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torchvision import transforms
 
-from lit_sharp.constants import CIFAR10_MEAN, CIFAR10_STD, RANDAUGMENTS
+from lit_sharp.constants import RANDAUGMENTS
+from lit_sharp.normalization import normalize
 from lit_sharp.seeding import AUGMENT_STREAM, SHUFFLE_STREAM, derived_seed
 
 
@@ -166,11 +167,9 @@ def paper_augmentation(num_ops: int = 2, magnitude: int = 14, randaugment: str =
 
 
 def to_normalized_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(..., 32, 32, 3)`` HWC images -> float32 ``(..., 3, 32, 32)`` normalized with the CIFAR-10 constants."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3).float().div_(255.0)
-    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
+    """uint8 ``(..., 32, 32, 3)`` HWC images -> float32 ``(..., 3, 32, 32)``, normalized by
+    :func:`lit_sharp.normalization.normalize`."""
+    return normalize(torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3))
 
 
 class AugmentedImages(torch.utils.data.Dataset):

@@ -66,8 +66,8 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
 
-from lit_sharp.constants import CIFAR10_MEAN, CIFAR10_STD
 from lit_sharp.data.augment import CUTOUT_FILL, PAPER_OPS, RANDAUGMENTS, paper_op_value
+from lit_sharp.normalization import mean_std, normalize
 from lit_sharp.seeding import AUGMENT_STREAM, SHUFFLE_STREAM, derived_seed
 
 #: torchvision's RandAugment ops, in the order of ``RandAugment._augmentation_space`` (an op's index is its position).
@@ -376,10 +376,11 @@ class BatchRandAugment:
         self._smooth_bias = torch.full((3,), 6.5, device=dev)
         self._autocontrast = _autocontrast_table(policy, dev)
         self._grey = _grey_table(policy, dev)
-        mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1)
-        # The CPU path's normalisation (augment.to_normalized_tensor) of every value: equal bit for bit.
+        # Every value of every channel normalised once, by the one normalize (so equal bit for bit to the CPU path):
+        # the batched pass then normalises with a lookup inside the crop's gather (crop_flip_normalize), instead of
+        # calling normalize on the batch, three more elementwise ops over every image.
         values = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(1, 3, 256)
-        normalized = values.float().div_(255.0).sub_(mean).div_(std)
+        normalized = normalize(values, channels_dim=-2)
         self._normalized = normalized.to(dev)
         self._normalized_fill = normalized[..., :1].expand(1, 3, 2).contiguous().to(dev)
         self._zero = torch.zeros((), dtype=torch.int64, device=dev)
@@ -700,7 +701,7 @@ def rand_augment(
 
 
 # ---------------------------------------------------------------------------------------------
-# Crop, flip, normalization
+# Crop and flip
 # ---------------------------------------------------------------------------------------------
 
 
@@ -765,31 +766,6 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     return crop_flip(images, k // (2 * side), (k // 2) % side, k % 2 == 1, padding)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` -> float32 ``(x / 255 - mean) / std`` with the CIFAR-10 constants, per channel.
-
-    The same arithmetic as :func:`lit_sharp.data.augment.to_normalized_tensor`, so the two agree bit for bit.
-
-    Args:
-        images: uint8 ``(B, 3, H, W)``.
-
-    Returns:
-        float32 ``(B, 3, H, W)`` on the images' device.
-
-    Raises:
-        ValueError: not a uint8 ``(B, 3, H, W)`` tensor.
-    """
-    _check_images(images)
-    mean, std = _normalization_constants(images.device)
-    return images.float().div_(255.0).sub_(mean).div_(std)
-
-
-@functools.lru_cache(maxsize=None)
-def _normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Cached per device: building them from Python floats on every batch would be a host-to-device copy each time.
-    return (torch.tensor(CIFAR10_MEAN).view(3, 1, 1).to(device), torch.tensor(CIFAR10_STD).view(3, 1, 1).to(device))
-
-
 # ---------------------------------------------------------------------------------------------
 # The loader
 # ---------------------------------------------------------------------------------------------
@@ -843,9 +819,10 @@ class DeviceTrainLoader:
     ``augment``, RandAugment (``randaugment`` policy, 2 ops, magnitude 14), then crop and flip (padding 4), the
     paper's order, then normalisation, all in one :class:`BatchRandAugment` pass whose draws come from one device
     generator seeded by ``derived_seed(AUGMENT_STREAM, seed, epoch)``; equal to :func:`rand_augment`, then
-    :func:`random_crop_flip`, then :func:`normalize` with that generator; without ``augment``, :func:`normalize`.
-    The same ``(seed, epoch)`` gives the same batches. Lightning accepts it as a train dataloader
-    (any iterable with ``__len__``) and calls ``sampler.set_epoch`` every epoch.
+    :func:`random_crop_flip` with that generator, then :func:`lit_sharp.normalization.normalize`; without
+    ``augment``, :func:`~lit_sharp.normalization.normalize` alone. The same ``(seed, epoch)`` gives the same batches.
+    Lightning accepts it as a train dataloader (any iterable with ``__len__``) and calls ``sampler.set_epoch`` every
+    epoch.
 
     Args:
         images: uint8 ``(N, H, W, 3)`` training images (moved to ``device`` once, as uint8 ``(N, 3, H, W)``).
@@ -909,7 +886,7 @@ class DeviceTrainLoader:
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         self.sampler = DevicePermutationSampler(len(images), seed=self.seed, device=self.device)
-        _normalization_constants(self.device)
+        mean_std(self.images.device)  # made now, so that the first unaugmented batch copies nothing from the host
         self.augmentation = None
         if self.augment:
             # Tables built now, so that the first batch, like every other, copies nothing from the host; the data
