@@ -6,6 +6,8 @@ Read from the source with ``ast`` (every import, also those inside functions), s
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO
@@ -129,3 +131,14 @@ def test_the_run_orchestrations_are_imported_only_by_the_entry():
                  for target in (f"{PACKAGE}.training", f"{PACKAGE}.evaluate", f"{PACKAGE}.train")}
     assert importers == {f"{PACKAGE}.training": [f"{PACKAGE}.train"], f"{PACKAGE}.evaluate": [f"{PACKAGE}.train"],
                          f"{PACKAGE}.train": [f"{PACKAGE}.cli"]}
+
+
+def test_the_maths_modules_import_no_framework():
+    # The rule of the house (docs/design.md): the maths is plain functions another project can take without Lightning,
+    # Hydra or W&B. A fresh interpreter, so nothing imported by other tests can hide an import.
+    maths = ["sam", "sharpness", "corruptions", "mixup", "schedule", "top1", "eval_mode", "normalization"]
+    code = (f"import sys\nfor name in {maths!r}:\n    __import__('{PACKAGE}.' + name)\n"
+            "frameworks = {'lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'wandb', 'submitit'}\n"
+            "print(sorted(frameworks & {name.split('.')[0] for name in sys.modules}))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
