@@ -256,13 +256,13 @@ def _projection_by_scipy(point: torch.Tensor, c: torch.Tensor, rho: float) -> to
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ellipsoid_projection_matches_scipy_and_the_kkt_conditions(seed: int) -> None:
-    from lit_sharp.sharpness import _project_onto_ellipsoid
+    from lit_sharp.sharpness.worst_case import project_onto_ellipsoid
 
     generator = torch.Generator().manual_seed(seed)
     c = torch.exp(torch.randn(8, generator=generator, dtype=torch.float64))  # scales over 2 orders of magnitude
     delta = torch.randn(8, generator=generator, dtype=torch.float64) * c
     rho = 0.7
-    projected = c * _project_onto_ellipsoid(delta / c, c * c, rho)  # the library works in u = delta / c
+    projected = c * project_onto_ellipsoid(delta / c, c * c, rho)  # the library works in u = delta / c
     torch.testing.assert_close(projected, _projection_by_scipy(delta, c, rho), rtol=1e-5, atol=1e-7)
     # KKT: on the boundary, and delta - projected = mu * projected / c^2 with one mu > 0 for every coordinate.
     assert (projected / c).norm().item() == pytest.approx(rho, rel=1e-9)
@@ -270,7 +270,7 @@ def test_ellipsoid_projection_matches_scipy_and_the_kkt_conditions(seed: int) ->
     assert multipliers.min() > 0
     torch.testing.assert_close(multipliers, multipliers.mean().expand(8), rtol=1e-6, atol=0)
     inside = delta / (delta / c).norm() * rho * 0.5
-    torch.testing.assert_close(c * _project_onto_ellipsoid(inside / c, c * c, rho), inside)  # inside: unchanged
+    torch.testing.assert_close(c * project_onto_ellipsoid(inside / c, c * c, rho), inside)  # inside: unchanged
 
 
 def _quadratic_problem() -> tuple[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
