@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lit_sharp.data.device_pipeline import batch_rand_augment
+from lit_sharp.data.device_augment import batch_rand_augment
 
 BATCH = 128
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from lit_sharp.data.device_pipeline import DeviceTrainLoader
+from lit_sharp.data.device_loader import DeviceTrainLoader
 from lit_sharp.module import ClassifierModule
 from lit_sharp.sharpness import preset, sharpness
 from timing import seconds

@@ -55,7 +55,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 import bench_gpu  # noqa: E402
-from lit_sharp.data.device_pipeline import DeviceTrainLoader  # noqa: E402
+from lit_sharp.data.device_loader import DeviceTrainLoader  # noqa: E402
 from lit_sharp.data.reading import load_cifar10  # noqa: E402
 from lit_sharp.data.synthetic import write_synthetic  # noqa: E402
 from lit_sharp.module import ClassifierModule  # noqa: E402

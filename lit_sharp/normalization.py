@@ -1,8 +1,9 @@
 """Input normalisation with the CIFAR-10 statistics, ``(x / 255 - mean) / std`` per channel, in one place.
 
-The CPU loader (:mod:`lit_sharp.data.augment`), the device pipeline (:mod:`lit_sharp.data.device_pipeline`) and the
-CIFAR-10-C evaluation (:mod:`lit_sharp.corruptions`) all normalise here, with the same float32 operations in the same
-order whatever the layout, so their inputs agree bit for bit. Imports torch only.
+The CPU loader (:mod:`lit_sharp.data.augment`), the device pipeline (:mod:`lit_sharp.data.device_loader` and
+:mod:`lit_sharp.data.device_augment`) and the CIFAR-10-C evaluation (:mod:`lit_sharp.corruptions`) all normalise here,
+with the same float32 operations in the same order whatever the layout, so their inputs agree bit for bit. Imports
+torch only.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Tests for lit_sharp.data.device_pipeline on CPU tensors: every RandAugment op against torchvision's own op image by
-image, crops and flips against torchvision's pad/crop/hflip, normalization against the CPU path, the draws'
-distributions, the loader's order and determinism, a real Lightning fit, and the absence of host-synchronising ops."""
+"""Tests for the device pipeline (lit_sharp.data.device_augment, device_crop_flip, device_loader and
+torchvision_randaugment) on CPU tensors: every RandAugment op against torchvision's own op image by image, crops and
+flips against torchvision's pad/crop/hflip, normalization against the CPU path, the draws' distributions, the loader's
+order and determinism, a real Lightning fit, and the absence of host-synchronising ops."""
 
 from __future__ import annotations
 
@@ -15,16 +16,10 @@ from torchvision.transforms import functional as tvf
 from torchvision.transforms.autoaugment import _apply_op
 
 from lit_sharp.data.augment import to_normalized_tensor
-from lit_sharp.data.device_pipeline import (
-    OP_NAMES,
-    SIGNED_OPS,
-    DeviceTrainLoader,
-    apply_ops,
-    crop_flip,
-    op_magnitude,
-    rand_augment,
-    random_crop_flip,
-)
+from lit_sharp.data.device_augment import apply_ops, rand_augment
+from lit_sharp.data.device_crop_flip import crop_flip, random_crop_flip
+from lit_sharp.data.device_loader import DeviceTrainLoader
+from lit_sharp.data.torchvision_randaugment import OP_NAMES, SIGNED_OPS, op_magnitude
 from lit_sharp.normalization import normalize
 from lit_sharp.seeding import AUGMENT_STREAM, derived_seed
 

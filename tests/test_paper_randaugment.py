@@ -20,15 +20,15 @@ from lit_sharp.data.augment import (
     paper_augmentation,
     paper_op_value,
 )
-from lit_sharp.data.device_pipeline import (
+from lit_sharp.data.device_augment import (
     PAPER_OP_NAMES,
     POLICY_OPS,
     BatchRandAugment,
-    DeviceTrainLoader,
     apply_ops,
     batch_rand_augment,
     rand_augment,
 )
+from lit_sharp.data.device_loader import DeviceTrainLoader
 
 CPU = torch.device("cpu")
 SIGNED = [name for name in PAPER_OP_NAMES if PAPER_OPS[name][3]]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_sharp.data.augment import RANDAUGMENTS, AugmentedImages, EpochSampler, to_normalized_tensor
-from lit_sharp.data.device_pipeline import DeviceTrainLoader
+from lit_sharp.data.device_loader import DeviceTrainLoader
 from lit_sharp.data.reading import load_cifar10
 from lit_sharp.data.synthetic import ensure_synthetic, is_synthetic
 
@@ -41,7 +41,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         drop_last: drop the last incomplete training batch.
         pipeline: where training batches are made. ``workers``: DataLoader worker processes (PIL augmentation, per-image
             seeds); ``device``: the whole training set resident on the training device, batches sliced and augmented
-            there (:mod:`lit_sharp.data.device_pipeline`); ``auto``: ``device`` when training on a GPU, else ``workers``.
+            there (:mod:`lit_sharp.data.device_loader`); ``auto``: ``device`` when training on a GPU, else ``workers``.
         channels_last: with the device pipeline, hand out batches in ``channels_last`` memory format.
     """
 

@@ -1,16 +1,11 @@
-"""The paper's training stream resident on the accelerator: shuffling, RandAugment, crop, flip and normalisation as a
-fixed, short sequence of batched tensor ops.
+"""RandAugment (``paper`` or ``torchvision`` policy), crop, flip and normalisation of uint8 batches on the device, as a
+fixed, short sequence of batched tensor ops: every random draw is a tensor op on a device generator, and nothing reads
+a device value back to the host.
 
-The whole uint8 training set lives on the device (CIFAR-10: 150 MB) and every batch is sliced, augmented and
-normalized there, with no worker processes and no host synchronisation: every random draw is a tensor op on a device
-generator, and nothing reads a device value back to the host. The augmentation is that of
-:mod:`lit_sharp.data.augment` (RandAugment with 2 ops at magnitude 14, ``paper`` or ``torchvision`` policy, then a
-32x32 crop of the image padded by 4 pixels, then a horizontal flip) in distribution, not draw for draw: each image
-draws its own ops, signs, cutout corner, offsets and flip, but from a device stream seeded by ``(seed, epoch)``
-instead of the CPU path's per-image seeds. Every op equals its CPU counterpart bit for bit: the ``paper`` policy the
-PIL ops of :data:`lit_sharp.data.augment.PAPER_OPS`, the ``torchvision`` policy torchvision's tensor ops (which differ
-from torchvision's PIL ops, the CPU path's, by 1 grey level in some pixels for Color, Contrast and Sharpness, and in a
-few pixels along edges for Rotate).
+Every op equals its CPU counterpart (:mod:`lit_sharp.data.augment`) bit for bit: the ``paper`` policy the PIL ops
+of :data:`lit_sharp.data.augment.PAPER_OPS`, the ``torchvision`` policy torchvision's tensor ops (which differ from
+torchvision's PIL ops, the CPU path's, by 1 grey level in some pixels for Color, Contrast and Sharpness, and in a few
+pixels along edges for Rotate).
 
 How a batch is augmented in a fixed number of ops (:class:`BatchRandAugment`; 109 ATen ops for a 128-image batch
 with ``paper``, 107 with ``torchvision``, however many ops the policy has and whatever was drawn):
@@ -55,122 +50,29 @@ against PIL on the CPU. With the op sets differing, speed was not the deciding q
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
 from PIL import Image, ImageDraw
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as tvf
 
 from lit_sharp.data.augment import CUTOUT_FILL, PAPER_OPS, RANDAUGMENTS, paper_op_value
-from lit_sharp.normalization import mean_std, normalize
-from lit_sharp.seeding import AUGMENT_STREAM, SHUFFLE_STREAM, derived_seed
+from lit_sharp.data.device_checks import check_generator, check_images, check_magnitude, check_padding, check_per_image
+from lit_sharp.data.torchvision_randaugment import GEOMETRIC_OPS, OP_NAMES, SIGNED_OPS, TV_GEOMETRIC, op_magnitude
+from lit_sharp.normalization import normalize
 
-#: torchvision's RandAugment ops, in the order of ``RandAugment._augmentation_space`` (an op's index is its position).
-OP_NAMES = (
-    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
-    "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
-)
-#: torchvision's ops whose magnitude is negated with probability 1/2.
-SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
-                        "Brightness", "Color", "Contrast", "Sharpness"})
-GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 #: The released code's ops (:data:`lit_sharp.data.augment.PAPER_OPS`), in its order.
 PAPER_OP_NAMES = tuple(PAPER_OPS)
 #: ``policy: its op names``: an op's index in a policy is its position here.
 POLICY_OPS = {"paper": PAPER_OP_NAMES, "torchvision": OP_NAMES}
 
 PAPER_NUM_OPS, PAPER_MAGNITUDE, NUM_MAGNITUDE_BINS = 2, 14, 31
-_NEAREST = InterpolationMode.NEAREST
 #: Extra source pixels after the ``H * W`` image pixels of every gather: black, then the cutout colour.
 _BLACK, _CUTOUT = 0, 1
 #: Rows of a draw: op, sign, cutout corner row, cutout corner column.
 _DRAWS = 4
-
-
-# ---------------------------------------------------------------------------------------------
-# torchvision's magnitudes and geometric ops (the maps of its policy are computed with its own kernels)
-# ---------------------------------------------------------------------------------------------
-
-
-# Cached: a bin's magnitude is a constant, and every look-up would otherwise build eleven small tensors.
-@functools.lru_cache(maxsize=None)
-def op_magnitude(op_name: str, magnitude: int, num_magnitude_bins: int, image_size: tuple[int, int]) -> float:
-    """torchvision's unsigned magnitude of ``op_name`` at bin ``magnitude``, as ``RandAugment`` computes it.
-
-    Same float32 ``linspace`` values as ``RandAugment._augmentation_space``: shear 0..0.3, translate
-    0..150/331 of the width (X) or height (Y) in pixels, rotate 0..30 degrees, brightness/color/contrast/sharpness
-    0..0.9 (the factor is ``1 + magnitude``), posterize ``8 - round(bin / ((bins - 1) / 4))`` bits, solarize
-    threshold 255..0; Identity, AutoContrast and Equalize have none (0.0). Restated here because torchvision keeps
-    the table in a private method; the tests hold the two equal.
-
-    Args:
-        op_name: one of :data:`OP_NAMES`.
-        magnitude: the bin, in ``[0, num_magnitude_bins)``.
-        num_magnitude_bins: number of bins (31 in torchvision and the paper).
-        image_size: ``(height, width)``.
-
-    Returns:
-        The magnitude as a Python float (posterize: the number of bits kept).
-
-    Raises:
-        ValueError: unknown ``op_name`` or a bin outside ``[0, num_magnitude_bins)``.
-    """
-    _check_magnitude(magnitude, num_magnitude_bins)
-    height, width = image_size
-    bins = num_magnitude_bins
-    values = {
-        "ShearX": torch.linspace(0.0, 0.3, bins),
-        "ShearY": torch.linspace(0.0, 0.3, bins),
-        "TranslateX": torch.linspace(0.0, 150.0 / 331.0 * width, bins),
-        "TranslateY": torch.linspace(0.0, 150.0 / 331.0 * height, bins),
-        "Rotate": torch.linspace(0.0, 30.0, bins),
-        "Brightness": torch.linspace(0.0, 0.9, bins),
-        "Color": torch.linspace(0.0, 0.9, bins),
-        "Contrast": torch.linspace(0.0, 0.9, bins),
-        "Sharpness": torch.linspace(0.0, 0.9, bins),
-        "Posterize": 8 - (torch.arange(bins) / ((bins - 1) / 4)).round().int(),
-        "Solarize": torch.linspace(255.0, 0.0, bins),
-    }
-    if op_name not in OP_NAMES:
-        raise ValueError(f"op_name must be one of {OP_NAMES}, got {op_name!r}")
-    return float(values[op_name][magnitude].item()) if op_name in values else 0.0
-
-
-# torchvision's RandAugment op calls (torchvision.transforms.autoaugment._apply_op), with nearest interpolation and
-# fill None, which grid sampling makes 0.
-def _tv_shear_x(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    return tvf.affine(images, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(magnitude)), 0.0],
-                      interpolation=_NEAREST, fill=None, center=[0, 0])
-
-
-def _tv_shear_y(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    return tvf.affine(images, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(magnitude))],
-                      interpolation=_NEAREST, fill=None, center=[0, 0])
-
-
-def _tv_translate_x(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    return tvf.affine(images, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0],
-                      interpolation=_NEAREST, fill=None)
-
-
-def _tv_translate_y(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    return tvf.affine(images, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0],
-                      interpolation=_NEAREST, fill=None)
-
-
-def _tv_rotate(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    return tvf.rotate(images, magnitude, interpolation=_NEAREST, fill=None)
-
-
-_TV_GEOMETRIC: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "ShearX": _tv_shear_x, "ShearY": _tv_shear_y, "TranslateX": _tv_translate_x, "TranslateY": _tv_translate_y,
-    "Rotate": _tv_rotate,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +108,7 @@ def _pil_map(op: Callable, value: float, height: int, width: int) -> np.ndarray:
 def _tv_map(op_name: str, value: float, height: int, width: int) -> np.ndarray:
     # torchvision's tensor kernel on an index image, for the same reason as _pil_map.
     index = torch.arange(1, height * width + 1, dtype=torch.float32).view(1, 1, height, width)
-    moved = _TV_GEOMETRIC[op_name](index, value).view(-1).round().long().numpy() - 1
+    moved = TV_GEOMETRIC[op_name](index, value).view(-1).round().long().numpy() - 1
     return np.where(moved < 0, height * width + _BLACK, moved)
 
 
@@ -345,8 +247,8 @@ class BatchRandAugment:
             raise ValueError(f"policy must be one of {RANDAUGMENTS}, got {policy!r}")
         if not isinstance(num_ops, int) or num_ops < 0:
             raise ValueError(f"num_ops must be an integer >= 0, got {num_ops!r}")
-        _check_magnitude(magnitude, num_magnitude_bins)
-        _check_padding(padding)
+        check_magnitude(magnitude, num_magnitude_bins)
+        check_padding(padding)
         self.policy, self.height, self.width = policy, height, width
         self.device = torch.device(device)
         self.num_ops, self.padding = num_ops, padding
@@ -492,7 +394,7 @@ class BatchRandAugment:
 
         The loader stores its data set in this form once, which saves the first op slot a concatenation.
         """
-        _check_images(images)
+        check_images(images)
         batch = images.shape[0]
         return torch.cat((images.reshape(batch, 3, -1), self._constants(batch)["fill_uint8"]), 2)
 
@@ -567,8 +469,9 @@ class BatchRandAugment:
     def crop_flip_normalize(self, x: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
         """Normalise int64 ``(B, 3, H * W)`` values, then crop-and-flip image ``i`` by map ``crops[i]``.
 
-        Crop map ``k = (top * (2p + 1) + left) * 2 + flip`` (:func:`crop_flip`); normalising first is the same as
-        after, with the zero padding normalised as the CPU path normalises black. Returns float32 ``(B, 3, H, W)``.
+        Crop map ``k = (top * (2p + 1) + left) * 2 + flip`` (:func:`lit_sharp.data.device_crop_flip.crop_flip`);
+        normalising first is the same as after, with the zero padding normalised as the CPU path normalises black.
+        Returns float32 ``(B, 3, H, W)``.
         """
         batch = x.shape[0]
         constants = self._constants(batch)
@@ -607,7 +510,7 @@ def batch_rand_augment(policy: str, height: int, width: int, device: torch.devic
 
 
 # ---------------------------------------------------------------------------------------------
-# Functional forms (one op per image given; RandAugment alone; crop and flip alone)
+# Functional forms (one op per image given; RandAugment alone)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -642,9 +545,9 @@ def apply_ops(
     Raises:
         ValueError: bad image tensor, ``ops``/``negate`` of the wrong dtype, shape or device, or a bad bin.
     """
-    _check_images(images)
-    _check_per_image("ops", ops, torch.long, images)
-    _check_per_image("negate", negate, torch.bool, images)
+    check_images(images)
+    check_per_image("ops", ops, torch.long, images)
+    check_per_image("negate", negate, torch.bool, images)
     batch, _, height, width = images.shape
     augment = batch_rand_augment(policy, height, width, images.device, 1, magnitude, num_magnitude_bins)
     rows, cols = corner if corner is not None else (torch.zeros_like(ops), torch.zeros_like(ops))
@@ -689,277 +592,12 @@ def rand_augment(
         >>> rand_augment(images, g).shape
         torch.Size([8, 3, 32, 32])
     """
-    _check_images(images)
-    _check_generator(generator, images.device)
+    check_images(images)
+    check_generator(generator, images.device)
     if not isinstance(num_ops, int) or num_ops < 0:
         raise ValueError(f"num_ops must be an integer >= 0, got {num_ops!r}")
-    _check_magnitude(magnitude, num_magnitude_bins)
+    check_magnitude(magnitude, num_magnitude_bins)
     batch, _, height, width = images.shape
     augment = batch_rand_augment(policy, height, width, images.device, num_ops, magnitude, num_magnitude_bins)
     out = augment.rand_augment(augment.extend(images), augment.draw(batch, generator))
     return out.to(torch.uint8).view(batch, 3, height, width)
-
-
-# ---------------------------------------------------------------------------------------------
-# Crop and flip
-# ---------------------------------------------------------------------------------------------
-
-
-def crop_flip(
-    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, padding: int = 4
-) -> torch.Tensor:
-    """Image ``i``: the ``H x W`` window at ``(top[i], left[i])`` of the image zero-padded by ``padding``, mirrored
-    left-right where ``flip[i]``.
-
-    Args:
-        images: ``(B, C, H, W)``, any dtype.
-        top: int64 ``(B,)`` row offsets in ``[0, 2 * padding]`` (not checked: that would read them back to the host).
-        left: int64 ``(B,)`` column offsets in ``[0, 2 * padding]``.
-        flip: bool ``(B,)``.
-        padding: zero border added on every side, in pixels.
-
-    Returns:
-        ``(B, C, H, W)``, same dtype and device.
-
-    Raises:
-        ValueError: ``padding < 0`` or offsets/flags of the wrong dtype, shape or device.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
-    _check_padding(padding)
-    batch, channels, height, width = images.shape
-    _check_per_image("top", top, torch.long, images)
-    _check_per_image("left", left, torch.long, images)
-    _check_per_image("flip", flip, torch.bool, images)
-    padded = nnf.pad(images, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p)
-    padded_width = width + 2 * padding
-    rows = top.view(batch, 1) + torch.arange(height, device=images.device)  # (B, H)
-    cols = left.view(batch, 1) + torch.arange(width, device=images.device)  # (B, W)
-    cols = torch.where(flip.view(batch, 1), cols.flip(1), cols)
-    source = (rows.unsqueeze(2) * padded_width + cols.unsqueeze(1)).view(batch, 1, height * width)
-    cropped = padded.reshape(batch, channels, -1).gather(2, source.expand(batch, channels, height * width))
-    return cropped.view(batch, channels, height, width)
-
-
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """torchvision's ``RandomCrop(H, padding)`` then ``RandomHorizontalFlip()``, every image with its own draws.
-
-    One uniform integer per image picks ``k`` among the ``(2p + 1)^2 * 2`` (top, left, flip) triples,
-    ``k = (top * (2p + 1) + left) * 2 + flip``: offsets uniform on ``[0, 2p]``, a flip with probability 1/2, the same
-    draw as the loader's (:meth:`BatchRandAugment.draw_crops`).
-
-    Args:
-        images: ``(B, C, H, W)``.
-        generator: the source of the draws; it must live on the images' device.
-        padding: zero border, in pixels (4 in the paper).
-
-    Returns:
-        ``(B, C, H, W)``, same dtype and device.
-
-    Raises:
-        ValueError: a generator on another device or ``padding < 0``.
-    """
-    _check_generator(generator, images.device)
-    _check_padding(padding)
-    side = 2 * padding + 1
-    k = torch.randint(side * side * 2, (images.shape[0],), generator=generator, device=images.device)
-    return crop_flip(images, k // (2 * side), (k // 2) % side, k % 2 == 1, padding)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loader
-# ---------------------------------------------------------------------------------------------
-
-
-class DevicePermutationSampler(torch.utils.data.Sampler[int]):
-    """The epoch's order of the data: a permutation drawn on ``device``, seeded by ``(SHUFFLE_STREAM, seed, epoch)``.
-
-    Lightning calls ``set_epoch`` at the start of every training epoch on a train loader's ``sampler``, so a run
-    resumed at epoch ``e`` sees the order of an uninterrupted run.
-
-    Args:
-        num_samples: size of the data set.
-        seed: the run's seed (>= 0).
-        device: where the permutation is drawn and kept.
-    """
-
-    def __init__(self, num_samples: int, *, seed: int, device: torch.device) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.device = torch.device(device)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`permutation` returns.
-
-        Raises:
-            ValueError: ``epoch`` is not an integer >= 0.
-        """
-        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        self.epoch = int(epoch)
-
-    def permutation(self) -> torch.Tensor:
-        """int64 ``(num_samples,)`` on ``device``: this epoch's order."""
-        generator = torch.Generator(device=self.device).manual_seed(derived_seed(SHUFFLE_STREAM, self.seed, self.epoch))
-        return torch.randperm(self.num_samples, generator=generator, device=self.device)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        # For code that wants indices on the host; the loader itself slices the device tensor.
-        return iter(self.permutation().tolist())
-
-
-class DeviceTrainLoader:
-    """The paper's training stream with the data set, the shuffling and the augmentation all on ``device``.
-
-    Each epoch: the permutation of :class:`DevicePermutationSampler`, sliced into batches on the device; with
-    ``augment``, RandAugment (``randaugment`` policy, 2 ops, magnitude 14), then crop and flip (padding 4), the
-    paper's order, then normalisation, all in one :class:`BatchRandAugment` pass whose draws come from one device
-    generator seeded by ``derived_seed(AUGMENT_STREAM, seed, epoch)``; equal to :func:`rand_augment`, then
-    :func:`random_crop_flip` with that generator, then :func:`lit_sharp.normalization.normalize`; without
-    ``augment``, :func:`~lit_sharp.normalization.normalize` alone. The same ``(seed, epoch)`` gives the same batches.
-    Lightning accepts it as a train dataloader (any iterable with ``__len__``) and calls ``sampler.set_epoch`` every
-    epoch.
-
-    Args:
-        images: uint8 ``(N, H, W, 3)`` training images (moved to ``device`` once, as uint8 ``(N, 3, H, W)``).
-        labels: ``(N,)`` integer class labels.
-        batch_size: images per batch.
-        augment: apply RandAugment, crop and flip.
-        randaugment: ``paper`` (the released code's policy) or ``torchvision``.
-        seed: the run's seed (>= 0), from which the order and the augmentation draws are derived.
-        device: where the data live and every batch is made.
-        drop_last: drop the last incomplete batch.
-        channels_last: yield images in ``torch.channels_last`` memory format.
-
-    Raises:
-        ValueError: images not uint8 ``(N, H, W, 3)``, labels not of length N, ``batch_size < 1``, a negative or
-            non-integer seed, or ``drop_last`` with fewer images than one batch.
-
-    Example::
-
-        >>> images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
-        >>> loader = DeviceTrainLoader(images, np.arange(10) % 10, batch_size=4, augment=True, seed=0, device="cpu")
-        >>> [tuple(x.shape) for x, _ in loader]
-        [(4, 3, 32, 32), (4, 3, 32, 32), (2, 3, 32, 32)]
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        *,
-        batch_size: int,
-        augment: bool,
-        seed: int,
-        device: torch.device | str,
-        drop_last: bool = False,
-        channels_last: bool = False,
-        randaugment: str = "paper",
-    ) -> None:
-        images = np.asarray(images)
-        labels = np.asarray(labels)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-            raise ValueError(f"images must be a non-empty uint8 array of shape (N, H, W, 3), "
-                             f"got {images.dtype} {images.shape}")
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}")
-        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if drop_last and len(images) < batch_size:
-            raise ValueError(f"drop_last=True with batch_size={batch_size} > {len(images)} images leaves no batch; "
-                             "lower batch_size or set drop_last=False")
-        if randaugment not in RANDAUGMENTS:
-            raise ValueError(f"randaugment must be one of {RANDAUGMENTS}, got {randaugment!r}")
-        self.device = torch.device(device)
-        self.batch_size = int(batch_size)
-        self.augment = bool(augment)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.channels_last = bool(channels_last)
-        self.randaugment = randaugment
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(labels.astype(np.int64)).to(self.device)
-        self.sampler = DevicePermutationSampler(len(images), seed=self.seed, device=self.device)
-        mean_std(self.images.device)  # made now, so that the first unaugmented batch copies nothing from the host
-        self.augmentation = None
-        if self.augment:
-            # Tables built now, so that the first batch, like every other, copies nothing from the host; the data
-            # set is kept with the two fill pixels appended (BatchRandAugment.extend).
-            height, width = self.images.shape[-2:]
-            self.augmentation = batch_rand_augment(randaugment, height, width, self.device)
-            self.images = self.augmentation.extend(self.images)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration replays (same as ``sampler.set_epoch``)."""
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        num_images = len(self.images)
-        return num_images // self.batch_size if self.drop_last else math.ceil(num_images / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # The epoch is read at the first next(), as a DataLoader reads its sampler: on resume, Lightning creates the
-        # iterator before it calls set_epoch with the resumed epoch (FitLoop.setup_data, then on_advance_start).
-        return self._batches()
-
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.sampler.permutation()
-        generator = None
-        if self.augment:
-            seed = derived_seed(AUGMENT_STREAM, self.seed, self.sampler.epoch)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size]
-            images = self.images.index_select(0, index)
-            x = normalize(images) if generator is None else self.augmentation(images, generator)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels.index_select(0, index)
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_images(images: torch.Tensor) -> None:
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
-            or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        dtype = images.dtype if isinstance(images, torch.Tensor) else ""
-        raise ValueError(f"images must be a uint8 tensor of shape (B, 3, H, W), got {dtype} {shape}")
-
-
-def _check_generator(generator: torch.Generator, device: torch.device) -> None:
-    if not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if generator.device.type != device.type or (device.index is not None and generator.device.index != device.index):
-        raise ValueError(f"generator is on {generator.device} but the images are on {device}: "
-                         f"create it with torch.Generator(device={str(device)!r})")
-
-
-def _check_per_image(name: str, tensor: torch.Tensor, dtype: torch.dtype, images: torch.Tensor) -> None:
-    batch = images.shape[0]
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.shape != (batch,) \
-            or tensor.device != images.device:
-        got = f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}" if isinstance(tensor, torch.Tensor) \
-            else type(tensor).__name__
-        raise ValueError(f"{name} must be a {dtype} tensor of shape ({batch},) on {images.device}, got {got}")
-
-
-def _check_magnitude(magnitude: int, num_magnitude_bins: int) -> None:
-    if not isinstance(num_magnitude_bins, int) or num_magnitude_bins < 2:
-        raise ValueError(f"num_magnitude_bins must be an integer >= 2, got {num_magnitude_bins!r}")
-    if not isinstance(magnitude, int) or not 0 <= magnitude < num_magnitude_bins:
-        raise ValueError(f"magnitude must be an integer bin in [0, {num_magnitude_bins}), got {magnitude!r}")
-
-
-def _check_padding(padding: int) -> None:
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
