@@ -152,10 +152,16 @@ def test_missing_truncated_and_foreign_npz(augreg_root):
         load_zoo_model("augreg_in1k", NAME, root, model_kwargs=TINY_VIT)
     assert "not a readable .npz" in _one_line(truncated)
 
-    np.savez(path, **{"embedding/kernel": np.zeros((8, 8, 3, 32), np.float32)})
+    # timm's loader would keep a random head for a checkpoint whose head has another size (a pretraining one).
+    save_augreg_npz(timm.create_model("vit_base_patch16_224", **{**TINY_VIT, "num_classes": 7}), path)
+    with pytest.raises(ModelFileError) as other_head:
+        load_zoo_model("augreg_in1k", NAME, root, model_kwargs=TINY_VIT)
+    assert "has no 10-class head (head/bias: (7,))" in _one_line(other_head)
+
+    np.savez(path, **{"embedding/kernel": np.zeros((8, 8, 3, 32), np.float32), "head/bias": np.zeros(10)})
     with pytest.raises(ModelFileError) as foreign:
         load_zoo_model("augreg_in1k", NAME, root, model_kwargs=TINY_VIT)
-    assert "no 10-class head" in _one_line(foreign)
+    assert "does not fit vit_base_patch16_224.augreg_in1k (KeyError" in _one_line(foreign)
 
     with zipfile.ZipFile(path, "w") as archive:  # an object array: a pickle inside the archive
         archive.writestr("head/bias.npy", _object_npy())
