@@ -19,7 +19,6 @@ from zoo_files import (
     OpenAIClipVisual,
     augreg_file_name,
     distractor_rows,
-    index_row,
     randomize_,
     save_augreg_npz,
     soup_reference_logits,

@@ -125,7 +125,7 @@ class AugRegZoo:
         return [(f"{self.base_url}/{INDEX_FILE}", INDEX_FILE)]
 
     def names(self, root: Path) -> list[str]:
-        """The zoo's models, sorted: from ``<root>/index.csv`` when present, else from the ``.npz`` files in ``root``."""
+        """The zoo's models, sorted: from ``<root>/index.csv`` if present, else from the ``.npz`` files in ``root``."""
         return sorted(name for name, hparams in self._catalogue(root).items() if in_zoo(hparams, self.ds))
 
     def file_name(self, name: str) -> str:

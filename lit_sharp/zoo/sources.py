@@ -4,14 +4,12 @@
 mode, its own training hyperparameters (from the zoo's metadata) and timm's data config for it (input size,
 interpolation, crop, mean, std), which is how that model expects its images.
 
-=============== ==================================================== ==========================================
-zoo             models                                               files under ``root``
-=============== ==================================================== ==========================================
-``augreg_in1k`` 56 AugReg ViT-B/16, pretrained on ImageNet-1k        ``index.csv``, ``<adapt_filename>.npz``
-``augreg_in21k`` 56 AugReg ViT-B/16, pretrained on ImageNet-21k      ``index.csv``, ``<adapt_filename>.npz``
-``clip_soups``  72 CLIP ViT-B/32 fine-tunes (model soups)            ``hparam_info.json``, ``model_<i>.pt``
-``timm``        any timm name with pretrained weights                timm's own cache
-=============== ==================================================== ==========================================
+- ``augreg_in1k`` / ``augreg_in21k``: 56 AugReg ViT-B/16 each, pretrained on ImageNet-1k / -21k; files
+  ``index.csv`` and ``<adapt_filename>.npz`` (:mod:`lit_sharp.zoo.augreg`).
+- ``clip_soups``: 72 CLIP ViT-B/32 fine-tunes (model soups); files ``hparam_info.json`` and ``model_<i>.pt``
+  (:mod:`lit_sharp.zoo.clip_soups`).
+- ``timm``: any timm name with pretrained weights, fetched by timm into its own cache
+  (:mod:`lit_sharp.zoo.timm_models`).
 """
 
 from __future__ import annotations
