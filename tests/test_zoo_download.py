@@ -32,6 +32,12 @@ class RangeHandler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
         server = self.server
         server.requests.append((self.path, self.headers.get("Range")))
+        if self.path.startswith("/redirect/"):  # as GitHub sends release assets to its storage host
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/redirect"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         path = Path(self.translate_path(self.path))
         if not path.is_file():
             self.send_error(404, "Not Found")
@@ -111,6 +117,18 @@ def test_interrupted_transfer_resumes_on_the_next_run(server, tmp_path):
     download_file(f"{server.url}/weights.bin", dest, retries=0, progress=False)
     assert server.requests[-1] == ("/weights.bin", f"bytes={kept}-")
     assert dest.read_bytes() == data and not part.exists()
+
+
+def test_resume_through_a_redirect(server, tmp_path):
+    data = _payload(server)
+    server.cuts = 1
+    dest = tmp_path / "weights.bin"
+    with pytest.raises(DownloadError):
+        download_file(f"{server.url}/redirect/weights.bin", dest, retries=0, progress=False)
+    kept = (tmp_path / "weights.bin.part").stat().st_size
+    download_file(f"{server.url}/redirect/weights.bin", dest, retries=0, progress=False)
+    assert server.requests[-2:] == [("/redirect/weights.bin", f"bytes={kept}-"), ("/weights.bin", f"bytes={kept}-")]
+    assert dest.read_bytes() == data
 
 
 def test_stopped_transfers_resume_within_one_run(server, tmp_path):
