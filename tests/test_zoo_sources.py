@@ -230,6 +230,8 @@ def test_list_command(augreg_root, capsys):
     root, _ = augreg_root
     assert zoo_main(["list", "augreg_in21k", "--root", str(root)]) == 0
     assert capsys.readouterr().out.split() == list_zoo("augreg_in21k", root)
+    assert zoo_main(["list", "augreg_in1k", "--root", str(root), "--downloaded"]) == 0
+    assert capsys.readouterr().out.split() == list_zoo("augreg_in1k", root, downloaded_only=True) == [NAME]
     (root / "index.csv").write_text("name,ds\nB/16,i1k\n")
     assert zoo_main(["list", "augreg_in1k", "--root", str(root)]) == 2
     err = capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``python -m lit_sharp.zoo``: fetch a zoo's public files, or list its models.
 
 ``download ZOO --to DIR [--only N]`` fetches the zoo's metadata and model files into DIR (rerun it to resume);
-``list ZOO --root DIR`` prints the zoo's model names, one per line. A user error prints one line and exits 2.
+``list ZOO --root DIR [--downloaded]`` prints the zoo's model names, one per line. A user error prints one line and
+exits 2.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="print a zoo's model names")
     listing.add_argument("zoo", choices=[zoo for zoo in ZOOS if zoo != "timm"])
     listing.add_argument("--root", type=Path, required=True, metavar="DIR", help="folder of the zoo's files")
+    listing.add_argument("--downloaded", action="store_true", help="only the models whose file is in DIR")
     return parser
 
 
@@ -42,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = download_zoo(zoo_source(args.zoo), args.to, only=args.only, retries=args.retries)
             print(f"{args.zoo}: {len(paths)} files in {args.to}")
         else:
-            print("\n".join(list_zoo(args.zoo, args.root)))
+            print("\n".join(list_zoo(args.zoo, args.root, downloaded_only=args.downloaded)))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

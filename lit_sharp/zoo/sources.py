@@ -34,6 +34,8 @@ class ZooSource(Protocol):
 
     def names(self, root: Path) -> list[str]: ...
 
+    def file_name(self, name: str) -> str: ...
+
     def hparams(self, name: str, root: Path) -> dict[str, Any]: ...
 
     def load(self, name: str, root: Path, model_kwargs: dict[str, Any] | None = None
@@ -58,9 +60,17 @@ def zoo_source(zoo: str) -> ZooSource:
     return ZOOS[zoo]
 
 
-def list_zoo(zoo: str, root: Path | str) -> list[str]:
-    """The names of ``zoo``'s models (see each source for where the list comes from)."""
-    return zoo_source(zoo).names(Path(root))
+def list_zoo(zoo: str, root: Path | str, *, downloaded_only: bool = False) -> list[str]:
+    """The names of ``zoo``'s models (see each source for where the list comes from).
+
+    Args:
+        zoo: a key of :data:`ZOOS` other than ``timm`` (whose models the user names).
+        root: the folder of the zoo's files.
+        downloaded_only: keep only the models whose file is under ``root`` (after a trial ``download --only N``).
+    """
+    source, root = zoo_source(zoo), Path(root)
+    names = source.names(root)
+    return [name for name in names if (root / source.file_name(name)).is_file()] if downloaded_only else names
 
 
 def load_zoo_model(zoo: str, name: str, root: Path | str, model_kwargs: dict[str, Any] | None = None

@@ -26,6 +26,9 @@ class TimmZoo:
     def names(self, root: Path) -> list[str]:
         raise ConfigError("zoo", self.zoo, "timm's zoo has no fixed model list: name the timm models to measure")
 
+    def file_name(self, name: str) -> str:
+        raise ConfigError("zoo", self.zoo, "timm keeps its weights in its own cache, not in the zoo's folder")
+
     def hparams(self, name: str, root: Path) -> dict[str, Any]:
         """The pretrained tag's own description: architecture and tag (``resnet50``, ``a1_in1k``)."""
         architecture, _, tag = name.partition(".")
