@@ -96,7 +96,7 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool) -> None:
         response = urlopen(Request(url, headers=headers), timeout=timeout)
     except HTTPError as exc:
         if exc.code == 416 and start:
-            return _check_unsatisfiable_range(url, part, exc.headers.get("Content-Range"))
+            return _check_unsatisfiable_range(part, exc.headers.get("Content-Range"))
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; check the address (is the release still "
                             "online?)") from None
     except (URLError, OSError) as exc:
@@ -146,7 +146,7 @@ def _stream(response: http.client.HTTPResponse, part: Path, start: int, total: i
             pass  # a reset or timeout mid-body: what arrived is kept, and the size check asks for the rest
 
 
-def _check_unsatisfiable_range(url: str, part: Path, content_range: str | None) -> None:
+def _check_unsatisfiable_range(part: Path, content_range: str | None) -> None:
     """A 416 answer: the ``.part`` already holds the whole file (renamed after this) or more (removed)."""
     match = _CONTENT_RANGE.fullmatch((content_range or "").strip())
     if match is not None and int(match.group(2)) == part.stat().st_size:
