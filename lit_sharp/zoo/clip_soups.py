@@ -5,7 +5,8 @@ removed): the image tower under ``model.visual.*`` (OpenAI names: ``conv1``, ``c
 ``transformer.resblocks.<j>.attn.in_proj_weight``, ..., ``ln_post``, ``proj``), a few leftover text keys
 (``model.token_embedding.weight``, ``model.logit_scale``, ...) that are not used, and ``classification_head.weight``
 / ``.bias`` (1000 x 512). The classifier is ``head(f / ||f||_2)`` with ``f`` the tower's 512-d projected features.
-``model_0`` is the zero-shot-initialised linear probe every fine-tune starts from; ``hparam_info.json`` holds each
+``model_0`` is the linear-probe initialisation the fine-tunes start from (its only entry in
+``hparam_info.json`` is ``info``); ``hparam_info.json`` holds each
 model's fine-tuning hyperparameters (``lr``, ``wd``, ``epochs``, ``aug`` as ``rand-m<M>-n<N>`` or null, ``mix``,
 ``smoothing``).
 
