@@ -60,10 +60,12 @@ def test_random_start_is_refused_where_it_means_nothing(kwargs: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "average_radii"), [("imagenet_augreg", ("0.05", "0.1", "0.2")), ("imagenet_clip", ("0.001", "0.002", "0.004"))]
+    ("name", "average_radii"),
+    [("imagenet_augreg", ("0.05", "0.1", "0.2")), ("imagenet_clip", ("0.001", "0.002", "0.004"))],
 )
 def test_imagenet_presets_hold_table_1(name: str, average_radii: tuple[str, ...]) -> None:
-    worst = {f"worst_linf_adaptive{ln}_rho{rho}_random_start" for ln in ("", "_ln") for rho in ("0.001", "0.002", "0.004")}
+    radii = ("0.001", "0.002", "0.004")
+    worst = {f"worst_linf_adaptive{ln}_rho{rho}_random_start" for ln in ("", "_ln") for rho in radii}
     average = {f"average_linf_adaptive{ln}_rho{rho}" for ln in ("", "_ln") for rho in average_radii}
     specs = preset(name)
     assert {spec.name for spec in specs} == worst | average and len(specs) == 12

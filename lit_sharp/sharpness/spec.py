@@ -273,7 +273,7 @@ def _imagenet_specs(average_radii: tuple[float, ...]) -> tuple[SharpnessSpec, ..
 IMAGENET_HEADLINE = SharpnessSpec("worst", "linf", 0.002, random_start=True)
 
 #: The 48 specs (12 definitions x 4 radii) the paper evaluated on CIFAR-10, per architecture; the 12 specs of
-#: Table 1 per ImageNet zoo (``imagenet_augreg``: the AugReg ViTs, ``imagenet_clip``: the CLIP fine-tunes); and the opt-in
+#: Table 1 per ImageNet zoo (``imagenet_augreg``: the AugReg ViTs, ``imagenet_clip``: the CLIP fine-tunes); the opt-in
 #: ``curvature`` preset: trace and top eigenvalue of the Hessian, standard, adaptive and adaptive with LN.
 PRESETS: dict[str, tuple[SharpnessSpec, ...]] = {
     **{name: _specs_from_radii(radii) for name, radii in _PAPER_RADII.items()},

@@ -45,7 +45,9 @@ DEFAULT_FOLDERS: dict[str, str] = {
 class EvalSetError(DataError):
     """An evaluation set's folder does not hold the classes the set has."""
 
-    def __init__(self, name: str, folder: Path, found: int, expected: int, missing: Sequence[str], extra: Sequence[str]):
+    def __init__(
+        self, name: str, folder: Path, found: int, expected: int, missing: Sequence[str], extra: Sequence[str]
+    ) -> None:
         details = "".join(
             f"; {what}: {', '.join(sorted(names)[:5])}{' ...' if len(names) > 5 else ''}"
             for what, names in (("missing", missing), ("unexpected", extra))
