@@ -204,6 +204,16 @@ def test_a_wrong_class_count_is_one_clear_error(root: Path, tmp_path: Path) -> N
         evaluation_errors(MeanColour(), tmp_path, data_config=DATA_CONFIG, sets=["imagenet_sketch"])
 
 
+def test_a_corrupt_image_is_one_clear_error(root: Path, tmp_path: Path) -> None:
+    for synset in subset_synsets("imagenet_r"):
+        (tmp_path / "imagenet-r" / synset).mkdir(parents=True)
+        (tmp_path / "imagenet-r" / synset / "image.jpg").symlink_to(root / "imagenet-r" / synset / "image.jpg")
+    truncated = tmp_path / "imagenet-r" / subset_synsets("imagenet_r")[7] / "truncated.jpg"
+    truncated.write_bytes((root / "imagenet-r" / subset_synsets("imagenet_r")[7] / "image.jpg").read_bytes()[:40])
+    with pytest.raises(DataError, match=f"cannot read the image {truncated}"):
+        evaluation_errors(MeanColour(), tmp_path, data_config=DATA_CONFIG, sets=["imagenet_r"])
+
+
 # ----------------------------------------------------------------------------------------------- training subsets
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
 
 from lit_sharp.errors import DataError
 from lit_sharp.eval_mode import evaluation_mode
@@ -193,12 +194,19 @@ class _LabelledFolder(ImageFolder):
 
     def __init__(self, root: Path, targets: Mapping[str, int], transform: Callable) -> None:
         self._targets = dict(targets)
-        super().__init__(str(root), transform=transform, allow_empty=True)
+        super().__init__(str(root), transform=transform, loader=_read_image, allow_empty=True)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         present = {entry.name for entry in os.scandir(directory) if entry.is_dir()}
         classes = sorted(name for name in self._targets if name in present)
         return classes, {name: self._targets[name] for name in classes}
+
+
+def _read_image(path: str) -> Any:
+    try:
+        return default_loader(path)
+    except OSError as error:  # PIL's unreadable, truncated or unknown image
+        raise DataError(f"cannot read the image {path} ({error}): replace or delete the file") from None
 
 
 @torch.inference_mode()
