@@ -1,4 +1,5 @@
-"""Pretrained ImageNet model zoos (paper Section 4): where their files come from, how they are fetched and loaded.
+"""Pretrained ImageNet model zoos (paper Section 4): model sources, downloads, evaluation sets and training subsets.
 
-Importing the package loads nothing heavy; import the submodules (``sources``, ``download``) where they are needed.
+Importing the package loads nothing heavy; import the submodules (``sources``, ``download``, ``eval_sets``,
+``train_subsets``) where they are needed.
 """
