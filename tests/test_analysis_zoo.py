@@ -313,7 +313,7 @@ def test_zoo_figures_written(tmp_path: Path) -> None:
     contents = {name: (out / name).read_bytes() for name in names}
     assert all(data.startswith(PNG_MAGIC) and len(data) > 20_000 for data in contents.values())
     assert len(set(contents.values())) == 3  # each measure its own picture
-    assert red_pixels(out / f"zoo_augreg_in1k_{HEADLINE}.png") > 200
+    assert red_pixels(out / f"zoo_augreg_in1k_{HEADLINE}.png") > 1000  # the legend alone has about 80
 
     # The same zoo with one dropout / stochastic depth value everywhere has no red at all: colour follows do/sd.
     same_do = augreg_zoo()
