@@ -27,6 +27,8 @@ from timing import seconds
 
 BATCH_SIZE = 128  # m of the paper's m-sharpness
 N_ITERS = 20
+#: (width, blocks per stage, batches, average-case samples, repetitions) of the quick and the full measurement.
+QUICK, FULL = (8, 1, 2, 20, 5), (64, 2, 8, 100, 5)
 
 
 def _interleaved_medians(
@@ -69,7 +71,7 @@ def measure(quick: bool = True, device: str | None = None, include_released: boo
         batch), ``released_vs_floor`` when timed, the median seconds behind them and the setting.
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    width, blocks, n_batches, n_samples, repeats = (8, 1, 2, 20, 5) if quick else (64, 2, 8, 100, 5)
+    width, blocks, n_batches, n_samples, repeats = QUICK if quick else FULL
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = preact_resnet18(width=width, blocks_per_stage=blocks).to(target).eval()
