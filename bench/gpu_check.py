@@ -17,8 +17,9 @@ training path (Lightning ``Trainer``, ``ClassifierModule``, the device-resident 
   of the resumed steps to 5% relative (bf16 rounding differences grow over steps, they do not change the course);
 
 and measures steady-state images/s, MFU (training FLOPs per image from ``torch.utils.flop_counter`` x images/s over
-the GPU's peak dense throughput), the 48-spec sharpness preset's time per model, and projects the time of a
-200-epoch run and the GPU-hours of both 204-run grids, each beside its target (``docs/performance.md``). Results go
+the GPU's peak dense throughput), the 48-spec sharpness preset's time per model (in IEEE float32, as measurements
+run, and with TF32 allowed: the cost of that setting), and projects the time of a 200-epoch run and the GPU-hours of
+both 204-run grids, each beside its target (``docs/performance.md``). Results go
 to ``bench/results/<date>-<gpu>.json`` (key ``gpu_check``) and one ``gpu_check:`` summary line; the exit status is
 0 when every check passed.
 
@@ -333,6 +334,10 @@ def run_check(sizes: Sizes, models: tuple[str, ...] = ("resnet18", "simplevit"))
                                                     batch_size=sizes.preset_batch, preset_kwargs=sizes.preset_kwargs,
                                                     **sizes.model_kwargs[name]),
                 "target_s": bench_gpu.TARGETS_PRESET_S[name]}
+            # The same preset with TF32 allowed: what measuring in IEEE float32 costs.
+            record["preset"][name]["seconds_tf32"] = bench_gpu.preset_seconds(
+                name, device=sizes.device, n_batches=sizes.preset_batches, batch_size=sizes.preset_batch,
+                preset_kwargs=sizes.preset_kwargs, tf32=True, **sizes.model_kwargs[name])
     record["projection"] = _projection(record)
     record["passed"] = passed(record, enforce_loss=not dry)
     return record
@@ -366,6 +371,7 @@ def summary_line(record: dict[str, Any]) -> str:
         if r["precision"] == "bf16-mixed":
             parts.append(f"{r['model']}_{'sam' if r['sam'] else 'plain'}_200ep_s={r['run_200_epochs_s']:.0f}")
     parts += [f"preset_{name}_s={p['seconds']:.1f}" for name, p in record["preset"].items()]
+    parts += [f"preset_{name}_tf32_s={p['seconds_tf32']:.1f}" for name, p in record["preset"].items()]
     parts.append(f"grid_gpu_hours={record['projection']['both_grids_gpu_hours']:.1f}")
     return "gpu_check: " + " ".join(parts)
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from lit_sharp.constants import RANDAUGMENTS
 from lit_sharp.errors import ConfigError
 from lit_sharp.locks import default_lock_dir
+from lit_sharp.models.init import INITS
 from lit_sharp.models.vit import VARIANTS as SIMPLEVIT_VARIANTS
 
 #: The Hydra configs of the study (package data): ``train.yaml`` and its groups.
@@ -35,6 +36,7 @@ def validate(cfg: DictConfig) -> None:
     """
     _one_of(cfg, "mode", MODES)
     _one_of(cfg, "model.name", MODELS)
+    _one_of(cfg, "model.init", INITS)
     if cfg.model.name == "simplevit":
         _one_of(cfg, "model.variant", SIMPLEVIT_VARIANTS)
     _number(cfg, "module.lr", low=0.0, low_open=True)

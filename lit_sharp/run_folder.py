@@ -29,6 +29,8 @@ IDENTITY_PREFIXES = ("model.", "module.", "data.augment", "data.randaugment", "d
                      "trainer.max_epochs", "trainer.max_steps", "trainer.precision", "seed")
 #: ... except these, which change speed only.
 SPEED_ONLY_KEYS = ("module.check_finite_every", "module.channels_last", "module.compile")
+#: Identity keys added after runs were recorded without them, with the value those runs used.
+RECORDED_BEFORE = {"model.init": "torch"}
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 FINAL_STATUSES = ("completed", "diverged")
@@ -104,7 +106,7 @@ def claim_identity(cfg: DictConfig, run_dir: Path) -> None:
     if not path.is_file():
         path.write_text(json.dumps(mine, indent=2, default=str))
         return
-    theirs = json.loads(path.read_text())
+    theirs = {**RECORDED_BEFORE, **json.loads(path.read_text())}
     changed = [f"{key}: {theirs.get(key)!r} -> {mine.get(key)!r}" for key in sorted(set(mine) | set(theirs))
                if json.dumps(mine.get(key), default=str) != json.dumps(theirs.get(key), default=str)]
     if changed:

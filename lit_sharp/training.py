@@ -93,14 +93,16 @@ def _fit_and_measure(cfg: DictConfig, run_dir: Path, devices: list[int] | None) 
     name = run_dir.name
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
-    module = hydra.utils.instantiate(cfg.module, model=build_model(cfg.model))
+    last = last_checkpoint(run_dir)
+    # A resumed run takes its weights from the checkpoint: initialised once, when the run started.
+    model = build_model(cfg.model, init_seed=None if last.is_file() else int(cfg.seed))
+    module = hydra.utils.instantiate(cfg.module, model=model)
     measures, callbacks = split_measures(build_named_callbacks(cfg))
     loggers = build_loggers(cfg, run_dir, name, tags=run_tags(hparams, cfg))
     log_config(loggers, cfg, hparams)
     clock = RunClock()
     checks = MeasurementChecks(list(measures.values()))
     trainer = build_trainer(cfg, run_dir, loggers, [clock, checks, *callbacks], devices)
-    last = last_checkpoint(run_dir)
     if last.is_file():
         log.info("resuming %s from %s", name, last)
     status, error = "completed", None
