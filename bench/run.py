@@ -44,7 +44,7 @@ def cpu_ratios(quick: bool) -> dict[str, float]:
     training = bench_training.measure(quick=quick)
     sam = bench_sam.measure(quick=quick, device="cpu")
     compiled = bench_sam.measure_compiled(quick=quick, device="cpu")
-    sharp = bench_sharpness.measure(quick=quick, device="cpu", include_released=False)
+    sharp = bench_sharpness.measure(quick=quick, device="cpu")
     return {
         "lightning_overhead": training["lightning_overhead"],
         "dataloader_img_s_per_worker": training["dataloader_img_s_per_worker"],
