@@ -150,7 +150,8 @@ def test_an_editable_install_uses_the_top_level_configs(tmp_path: Path) -> None:
         "import lit_sharp, lit_sharp.config as config\n"
         "print(lit_sharp.__file__); print(config.CONFIG_DIR)\n"
     )
-    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=subprocess_env(), check=True,
+    env = {key: value for key, value in subprocess_env().items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, check=True,
                           capture_output=True, text=True)  # fmt: skip
     package_file, config_dir = done.stdout.split()
     assert Path(package_file) == source / "lit_sharp" / "__init__.py"  # this install answered
