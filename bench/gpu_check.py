@@ -17,7 +17,7 @@ training path (Lightning ``Trainer``, ``ClassifierModule``, the device-resident 
   of the resumed steps to 5% relative (bf16 rounding differences grow over steps, they do not change the course);
 
 and measures steady-state images/s, MFU (training FLOPs per image from ``torch.utils.flop_counter`` x images/s over
-the GPU's peak dense throughput), the 48-spec sharpness preset's time per model (in IEEE float32, as measurements
+the GPU's peak dense throughput), the paper sharpness preset's time per model (in IEEE float32, as measurements
 run, and with TF32 allowed: the cost of that setting), and projects the time of a 200-epoch run and the GPU-hours of
 both 204-run grids, each beside its target (``docs/performance.md``). Results go
 to ``bench/results/<date>-<gpu>.json`` (key ``gpu_check``) and one ``gpu_check:`` summary line; the exit status is

@@ -50,7 +50,7 @@ def cpu_ratios(quick: bool, zoo: dict | None = None) -> dict[str, float]:
     training = bench_training.measure(quick=quick)
     sam = bench_sam.measure(quick=quick, device="cpu")
     compiled = bench_sam.measure_compiled(quick=quick, device="cpu")
-    sharp = bench_sharpness.measure(quick=quick, device="cpu", include_released=False)
+    sharp = bench_sharpness.measure(quick=quick, device="cpu")
     zoo_result = bench_zoo.measure(quick=quick, device="cpu")
     if zoo is not None:
         zoo.update(zoo_result)

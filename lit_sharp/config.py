@@ -17,8 +17,19 @@ from lit_sharp.locks import default_lock_dir
 from lit_sharp.models.init import INITS
 from lit_sharp.models.vit import VARIANTS as SIMPLEVIT_VARIANTS
 
-#: The Hydra configs of the study (package data): ``train.yaml`` and its groups.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+def _config_dir() -> Path:
+    # An install holds the configs inside the package (pyproject.toml maps configs/ to lit_sharp/configs); a checkout,
+    # imported from its folder, through PYTHONPATH or by an editable install (which points at the checkout's
+    # lit_sharp/), keeps them in configs/ beside the package. Hydra needs a real directory: both are.
+    package = Path(__file__).resolve().parent
+    inside = package / "configs"
+    return inside if (inside / "train.yaml").is_file() else package.parent / "configs"
+
+
+#: The Hydra configs of the study: ``train.yaml`` and its groups (``configs/`` of the repository, ``lit_sharp/configs``
+#: of an install).
+CONFIG_DIR = _config_dir()
 MODELS = ("resnet18", "simplevit")
 MODES = ("train", "eval")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")

@@ -120,7 +120,6 @@ def test_sharpness_costs_about_its_floor_of_passes(one_thread, monkeypatch):
     monkeypatch.setattr(bench_sharpness, "QUICK", (4, 1, 1, 10, 3))
     monkeypatch.setattr(bench_sharpness, "BATCH_SIZE", 32)
     monkeypatch.setattr(bench_sharpness, "N_ITERS", 10)
-    monkeypatch.setattr(bench_sharpness, "_released_code", lambda: None, raising=False)  # the project's code only
     # Worst case: n_iters + 1 forward and n_iters backward passes over a floor of n_iters + 1 forward+backward ones;
     # average case: n_samples + 1 forward passes over n_samples.
     bands = {"sharpness_vs_floor": (0.7, 1.5), "average_vs_floor": (0.8, 1.8)}
