@@ -49,7 +49,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         The run's ``results.json`` record. When another process holds the run folder's lock (two launches of one
-        grid), nothing is trained and the record is ``{"run": {"name": ..., "status": "running"}}``.
+        grid), nothing is trained and the record is ``{"run": {"name": ..., "status": "running", "error": "held by
+        host:pid"}}``.
 
     Raises:
         UserError: a bad config or missing data (also written into the run's ``results.json``).
@@ -70,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 raise
     except LockBusy as busy:
         log.warning("skipping %s: another process is training it (%s)", run_dir, busy)
-        return {"run": {"name": run_dir.name, "status": "running"}}
+        return {"run": {"name": run_dir.name, "status": "running", "error": f"held by {busy.holder}"}}
 
 
 @contextmanager
