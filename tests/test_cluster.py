@@ -4,6 +4,7 @@ locks that fit shared machines and file systems, and an installed package."""
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,27 +78,73 @@ def smoke_grid(synthetic_root, runs, *extra):
     return [sys.executable, "train.py", "-m", "grid=smoke", *tiny, "logger=none", *QUICK, *extra]
 
 
+def _kill_when_locked(run_dir, killed, stop):
+    """SIGKILL the process that takes ``run_dir``'s lock, as the OOM killer or a node failure would."""
+    owner = run_dir / ".lock.owner"
+    while not stop.is_set():
+        try:
+            pid = json.loads(owner.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.02)
+            continue
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        return
+
+
 @pytest.mark.parametrize("launcher", [(), ("hydra/launcher=local", "hydra.launcher.n_jobs=2"),
-                                      ("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30")],
+                                      ("hydra/launcher=slurm_local", "hydra.launcher.timeout_min=30")],
                          ids=["basic", "joblib", "submitit_local"])
-def test_a_refused_run_does_not_stop_its_grid(synthetic_root, tmp_path, launcher):
+def test_a_refused_held_or_killed_run_does_not_stop_its_grid(synthetic_root, tmp_path, launcher):
     runs = tmp_path / "runs"
     refused = runs / "smoke" / "resnet18_lr0.05_rho0_mix0_aug1_s0"
     refused.mkdir(parents=True)
     (refused / "run_config.json").write_text(json.dumps({"seed": 99}))
-    result = subprocess.run(smoke_grid(synthetic_root, runs, *launcher), cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env=subprocess_env(OMP_NUM_THREADS="1"))
+    held = runs / "smoke" / "resnet18_lr0.05_rho0.05_mix0_aug1_s0"
+    held.mkdir()
+    holder = _start_holder(held / ".lock")  # another launch, alive, training this run
+    # The basic launcher runs every job in its own process: a kill there is the launch's own end.
+    victim = runs / "smoke" / "resnet18_lr0.05_rho0_mix0.5_aug1_s0"
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=_kill_when_locked, args=(victim, killed, stop), daemon=True)
+    if launcher:
+        killer.start()
+    try:
+        result = subprocess.run(smoke_grid(synthetic_root, runs, *launcher), cwd=REPO, capture_output=True,
+                                text=True, timeout=600, env=subprocess_env(OMP_NUM_THREADS="1"))
+    finally:
+        stop.set()
+        _kill(holder)
     assert result.returncode == 1, result.stderr[-3000:]
-    count_lines = [line for line in result.stderr.splitlines() if "runs did not finish" in line]
-    assert len(count_lines) == 1 and count_lines[0].startswith("error: 1 of 4 runs did not finish (0 failed, 1 refused)")
+    lines = result.stderr.splitlines()
+    count_lines = [line for line in lines if "runs did not finish" in line]
+    expected = ("error: 3 of 4 runs did not finish (1 failed, 1 refused, 1 held by another process)" if launcher
+                else "error: 2 of 4 runs did not finish (0 failed, 1 refused, 1 held by another process)")
+    assert len(count_lines) == 1 and count_lines[0].startswith(expected), result.stderr[-3000:]
     assert "python -m lit_sharp.grid status smoke" in count_lines[0]
+    named = {line.split(":", 1)[0].strip(): line for line in lines[lines.index(count_lines[0]) + 1:]}
+    assert f"refused: config name='smoke': {refused}" in named[refused.name]
+    assert named[held.name] == f"  {held.name}: running: held by {socket.gethostname()}:{holder.pid}"
     records = {path.parent.name: read_results(path.parent) for path in (runs / "smoke").glob("*/results.json")}
-    assert len(records) == 4
-    assert sum(r["run"]["status"] == "completed" for r in records.values()) == 3
+    assert sum(r["run"]["status"] == "completed" for r in records.values()) == (1 if launcher else 2)
     mine = records[refused.name]["run"]
     assert mine["status"] == "failed" and mine["refused"] and "another configuration" in mine["error"]
     assert json.loads((refused / "run_config.json").read_text()) == {"seed": 99}  # the other run's identity is kept
-    assert [len(status("smoke", [f"paths.root={runs}"])[s]) for s in ("completed", "failed")] == [3, 1]
+    assert held.name not in records  # the holder's run is left alone
+    if not launcher:
+        return
+    assert len(killed) == 1 and victim.name not in records
+    why = "its process was killed by SIGKILL" if launcher[0] == "hydra/launcher=local" else "ended without a result"
+    assert why in named[victim.name], named[victim.name]
+    if launcher[0] != "hydra/launcher=local":
+        return
+    # The one command that finishes what is missing: the same launch again, once the causes are gone.
+    shutil.rmtree(refused)
+    again = subprocess.run(smoke_grid(synthetic_root, runs, *launcher), cwd=REPO, capture_output=True, text=True,
+                           timeout=600, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [len(status("smoke", [f"paths.root={runs}"])[s]) for s in ("completed", "failed")] == [4, 0]
+    assert len(list((runs / "smoke" / "_hydra").glob("multirun_*"))) == 2  # each launch its own sweep folder
 
 
 def test_wandb_that_cannot_go_online_falls_back_to_offline_files(synthetic_root, tmp_path):
