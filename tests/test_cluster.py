@@ -3,6 +3,7 @@ locks that fit shared machines and file systems, and an installed package."""
 
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -232,7 +233,9 @@ def test_grid_status_reads_without_locking_and_eval_takes_the_lock(synthetic_roo
         assert owner["pid"] == holder.pid and owner["host"] == socket.gethostname()
         assert run_state(run_dir) == "running"
         assert grid_main(["status", "smoke", f"paths.root={tmp_path}"]) == 0
-        assert run(cfg)["run"]["status"] == "running"  # a launch skips it: the holder trains it
+        skipped = run(cfg)["run"]  # a launch skips it: the holder trains it
+        assert skipped == {"name": run_dir.name, "status": "running",
+                           "error": f"held by {socket.gethostname()}:{holder.pid}"}
         (run_dir / "results.json").write_text(recorded)
         with pytest.raises(UserError, match="another process"):
             run(compose_config(*overrides, "mode=eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"))
@@ -267,6 +270,67 @@ def test_owner_file_locks_without_flock_and_take_over_dead_owners(tmp_path):
     os.utime(owner_path(lock), (time.time() - 120, time.time() - 120))
     with hold(lock, mode="file", stale_seconds=60):
         assert read_owner(lock)["host"] == socket.gethostname()
+
+
+def _die_holding(lock, marker, violations):
+    """Take ``lock`` (file mode), check no one else holds it, then die holding it: the next taker must take over."""
+    with hold(Path(lock), mode="file", wait=60, poll_seconds=0.01):
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            violations.value += 1  # another process believes it holds the lock too
+        else:
+            os.close(fd)
+        time.sleep(0.05)
+        Path(marker).unlink(missing_ok=True)
+        os._exit(0)  # no release: the owner file names a dead pid
+
+
+def test_stale_owner_files_are_taken_over_by_exactly_one_process(tmp_path):
+    lock = tmp_path / "run.lock"
+    owner_path(lock).write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "started": 0,
+                                            "token": "dead"}))
+    ctx = mp.get_context("fork")
+    violations = ctx.Value("i", 0)
+    takers = [ctx.Process(target=_die_holding, args=(str(lock), str(tmp_path / "inside"), violations))
+              for _ in range(6)]
+    for taker in takers:
+        taker.start()
+    alive = list(takers)
+    while alive:  # each dies holding the lock; reaping it at once makes its pid dead for the others
+        ended = mp.connection.wait([taker.sentinel for taker in alive], timeout=120)
+        assert ended, "no process took the stale lock over"
+        for taker in [taker for taker in alive if taker.sentinel in ended]:
+            taker.join()
+            alive.remove(taker)
+    assert violations.value == 0 and all(taker.exitcode == 0 for taker in takers)
+    assert read_owner(lock)["pid"] in {taker.pid for taker in takers}  # the last one's, left stale
+    assert not is_held(lock)
+
+
+def _orphaning_holder(lock, ready):
+    with hold(Path(lock)):
+        if os.fork() == 0:  # a child (like a DataLoader worker) shares the kernel lock after its parent dies
+            time.sleep(3)
+            os._exit(0)
+        ready.set()
+        os._exit(0)
+
+
+def test_a_lock_held_past_its_owner_is_reported_then_taken_when_free(tmp_path):
+    lock = tmp_path / "run.lock"
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    owner = ctx.Process(target=_orphaning_holder, args=(str(lock), ready))
+    owner.start()
+    assert ready.wait(60)
+    owner.join(timeout=60)
+    with pytest.raises(LockBusy) as busy:
+        with hold(lock):
+            pass
+    assert busy.value.holder == f"{socket.gethostname()}:{owner.pid} (gone; a process it started still holds the lock)"
+    with hold(lock, orphan_wait=60):  # the child lets go within seconds; the run folder's lock waits that long
+        assert read_owner(lock)["pid"] == os.getpid()
 
 
 def test_downloads_into_one_folder_wait_for_each_other(tmp_path):
