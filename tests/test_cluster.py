@@ -309,12 +309,18 @@ def test_stale_owner_files_are_taken_over_by_exactly_one_process(tmp_path):
 
 
 def _orphaning_holder(lock, ready):
-    with hold(Path(lock)):
-        if os.fork() == 0:  # a child (like a DataLoader worker) shares the kernel lock after its parent dies
-            time.sleep(3)
-            os._exit(0)
-        ready.set()
+    # As an owner whose forked child (a DataLoader worker) inherits its kernel lock; filelock closes inherited lock
+    # descriptors in a forked child, so the lock is taken here with fcntl itself.
+    import fcntl
+
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    owner_path(Path(lock)).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0}))
+    if os.fork() == 0:
+        time.sleep(15)
         os._exit(0)
+    ready.set()
+    os._exit(0)
 
 
 def test_a_lock_held_past_its_owner_is_reported_then_taken_when_free(tmp_path):
