@@ -1,6 +1,7 @@
 """Grids: expansion, the local and submitit launchers, relaunch without repeats, locks, resume after a kill."""
 
 import itertools
+import re
 import multiprocessing as mp
 import os
 import shutil
@@ -312,3 +313,18 @@ def test_progress_line_counts_and_eta_from_completed_runs(tmp_path):
     assert progress_line(by_state) == ("progress: 2/10 completed (20%), 2 running, 1 failed, "
                                        "ETA 20 min (8 runs x 5 min / 2)")
     assert progress_line({**by_state, "completed": []}).endswith("ETA unknown (no completed run yet)")
+
+
+def test_each_launch_gets_its_own_sweep_folder():
+    from hydra.core.utils import setup_globals
+
+    setup_globals()  # Hydra's ${now:...}, as a launch has it
+    folders = []
+    for _ in range(2):  # two launches within the same second
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["grid=smoke"], return_hydra_config=True)
+        folder = cfg.hydra.sweep.dir
+        assert folder == cfg.hydra.sweep.dir  # one launch resolves one folder, for all of its jobs
+        folders.append(folder)
+    assert folders[0] != folders[1]
+    assert all(re.fullmatch(r".*/smoke/_hydra/multirun_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", f) for f in folders)
