@@ -12,10 +12,8 @@ the outcome files are read from the sweep folder, wherever the jobs ran.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,8 @@ from omegaconf import DictConfig
 
 from lit_sharp.config import CONFIG_DIR
 from lit_sharp.errors import UserError
+from lit_sharp.outcomes import failure_line, read_outcomes, run_name_of, unfinished_lines, write_outcome
 
-OUTCOME_FILE = "outcome.json"
-#: Outcomes of a job whose run needs nothing more.
-FINISHED = ("completed", "diverged")
-#: How the count line names each kind of unfinished outcome, in its order ("failed" always shows).
-KINDS = {"failed": "failed", "refused": "refused", "running": "held by another process"}
 log = logging.getLogger(__name__)
 
 
@@ -49,74 +43,22 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {exc}", file=sys.stderr)
         if not in_grid:
             sys.exit(2)
-        _write_outcome("refused", str(exc), _run_name(cfg))
+        _write_outcome("refused", str(exc), run_name_of(cfg))
         return
     except Exception as exc:
         if not in_grid:
             raise
         log.exception("run failed")  # the traceback goes to the job's log; the grid goes on
-        _write_outcome("failed", f"{type(exc).__name__}: {exc}", _run_name(cfg))
+        _write_outcome("failed", f"{type(exc).__name__}: {exc}", run_name_of(cfg))
         return
     if in_grid:
         run_info = record.get("run", {})
         _write_outcome(str(run_info.get("status")), run_info.get("error"), run_info.get("name"))
 
 
-def _run_name(cfg: DictConfig) -> str | None:
-    from lit_sharp.run_folder import run_dir_of
-
-    try:
-        return run_dir_of(cfg).name
-    except Exception:  # noqa: BLE001 - a config too broken to name its run; the outcome's overrides still say which
-        return None
-
-
 def _write_outcome(status: str, error: str | None, run_name: str | None) -> None:
     hydra_cfg = HydraConfig.get()
     write_outcome(Path(hydra_cfg.runtime.output_dir), status, error, run_name, list(hydra_cfg.overrides.task))
-
-
-def write_outcome(job_dir: Path, status: str, error: str | None, run_name: str | None, overrides: list[str]) -> None:
-    """Write a job's ``outcome.json`` (status, error, run folder name, overrides) into its Hydra job folder."""
-    outcome = {"status": status, "error": error, "run": run_name, "overrides": overrides}
-    job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / OUTCOME_FILE).write_text(json.dumps(outcome, indent=2))
-
-
-def read_outcomes(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The outcome of every job of a grid launch (its sweep folder)."""
-    outcomes = []
-    for path in sorted(Path(sweep_dir).glob(f"*/{OUTCOME_FILE}")):
-        try:
-            outcomes.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            outcomes.append({"status": "failed", "error": f"unreadable {path}"})
-    return outcomes
-
-
-def failure_line(outcomes: list[dict[str, Any]], n_jobs: int) -> str | None:
-    """One line counting the jobs of a grid launch whose run did not finish, by kind, or None when all finished."""
-    counts = Counter(str(outcome["status"]) for outcome in outcomes if outcome["status"] not in FINISHED)
-    silent = max(n_jobs - len(outcomes), 0)
-    if not counts and not silent:
-        return None
-    kinds = [kind for kind in KINDS if kind == "failed" or counts[kind]] + sorted(set(counts) - set(KINDS))
-    parts = [f"{counts[kind]} {KINDS.get(kind, kind)}" for kind in kinds] + \
-        ([f"{silent} ended without an outcome"] if silent else [])
-    return f"error: {sum(counts.values()) + silent} of {n_jobs} runs did not finish ({', '.join(parts)})"
-
-
-def unfinished_lines(outcomes: list[dict[str, Any]]) -> list[str]:
-    """One line per unfinished run: its folder name (or its overrides) and why, e.g. ``  <run>: running: held by
-    host:pid``."""
-    lines = []
-    for outcome in outcomes:
-        if outcome["status"] in FINISHED:
-            continue
-        who = outcome.get("run") or " ".join(outcome.get("overrides") or []) or "?"
-        why = " ".join(str(outcome.get("error") or "no reason recorded").split())
-        lines.append(f"  {who}: {outcome['status']}: {why}")
-    return lines
 
 
 def status_command(config: DictConfig) -> str:

@@ -33,6 +33,8 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lit_sharp.outcomes import OUTCOME_FILE, run_name_of, write_outcome
+
 log = logging.getLogger(__name__)
 
 
@@ -53,8 +55,6 @@ def record_dead_job(hydra_context: HydraContext, config: DictConfig, overrides: 
 
     The job's folder and its run's folder come from the job's own config, composed as the launcher composes it.
     """
-    from lit_sharp.cli import OUTCOME_FILE, write_outcome  # here: Hydra imports this module in every Hydra app
-
     setup_globals()  # Hydra's resolvers (now, ...), which a pool worker has not registered itself
     sweep_cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
     with open_dict(sweep_cfg):
@@ -62,17 +62,8 @@ def record_dead_job(hydra_context: HydraContext, config: DictConfig, overrides: 
     job_dir = Path(str(sweep_cfg.hydra.sweep.dir)) / str(sweep_cfg.hydra.sweep.subdir)
     if not (job_dir / OUTCOME_FILE).is_file():
         log.error("job #%d (%s) %s", job_num, " ".join(filter_overrides(overrides)), why)
-        write_outcome(job_dir, "failed", why, _run_name(sweep_cfg), list(overrides))
+        write_outcome(job_dir, "failed", why, run_name_of(sweep_cfg), list(overrides))
     return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
-
-
-def _run_name(cfg: DictConfig) -> str | None:
-    from lit_sharp.run_folder import run_dir_of
-
-    try:
-        return run_dir_of(cfg).name
-    except Exception:  # noqa: BLE001 - a config too broken to name its run; the outcome's overrides still say which
-        return None
 
 
 def exit_reason(wait_status: int) -> str:

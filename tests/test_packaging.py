@@ -1,4 +1,5 @@
-"""An install of lit_sharp holds the callbacks as ``lit_sharp.callbacks`` and no top-level ``callbacks``."""
+"""An install of lit_sharp holds the callbacks as ``lit_sharp.callbacks`` and no top-level ``callbacks``; its Hydra
+launchers go into Hydra's ``hydra_plugins`` namespace."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "lit_sharp", "callbacks")
+SOURCES = ("pyproject.toml", "README.md", "lit_sharp", "callbacks", "hydra_plugins")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_install_puts_the_callbacks_inside_the_package_and_nothing_generic_at_top_level(installed: Path) -> None:
     top_level = {path.name for path in installed.iterdir() if not path.name.endswith(".dist-info")}
-    assert top_level == {"lit_sharp"}
+    # hydra_plugins is the namespace package where Hydra looks for launchers; ours take one folder of it.
+    assert top_level == {"lit_sharp", "hydra_plugins"}
+    assert [path.name for path in (installed / "hydra_plugins").iterdir()] == ["lit_sharp_launchers"]
+    assert not (installed / "hydra_plugins" / "__init__.py").exists()  # a namespace, shared with Hydra's plugins
     installed_callbacks = {path.name for path in (installed / "lit_sharp" / "callbacks").glob("*.py")}
     assert installed_callbacks == {path.name for path in (REPO / "callbacks").glob("*.py")}
 
