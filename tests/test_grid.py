@@ -186,7 +186,7 @@ def test_smoke_grid_on_the_local_launcher_then_relaunch_creates_nothing(syntheti
 
 def test_smoke_grid_on_submitit_local(synthetic_root, tmp_path):
     runs = tmp_path / "runs"
-    run_cli(smoke_command(synthetic_root, runs, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30"))
+    run_cli(smoke_command(synthetic_root, runs, "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=30"))
     records = [read_results(d) for d in smoke_run_dirs(runs)]
     assert len(records) == 4 and all(r["run"]["status"] == "completed" for r in records)
 
