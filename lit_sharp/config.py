@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
 GPU_CHECK_FINITE_EVERY = 25
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _launch_id() -> str:
+    # Makes each launch's sweep folder its own, even for two launches in one second. Hydra hands the master config's
+    # resolver cache to every job's config, so all the jobs of one launch resolve the same folder.
+    return secrets.token_hex(3)
+
+
+OmegaConf.register_new_resolver("lit_sharp.launch_id", _launch_id, use_cache=True, replace=True)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from lit_sharp.config import lock_mode, to_plain
 from lit_sharp.errors import ConfigError, UserError
-from lit_sharp.locks import hold
+from lit_sharp.locks import ORPHAN_WAIT_SECONDS, hold
 from lit_sharp.results import RESULTS_FILE, flatten, make_record, run_status, write_results
 from lit_sharp.tracking import WANDB_ID_FILE
 
@@ -81,7 +81,7 @@ def source_run_dir(ckpt: Path) -> Path | None:
 @contextmanager
 def run_lock(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock (see :func:`lit_sharp.locks.hold`); :class:`~lit_sharp.locks.LockBusy` if taken."""
-    with hold(run_dir / RUN_LOCK, mode=lock_mode(cfg)):
+    with hold(run_dir / RUN_LOCK, mode=lock_mode(cfg), orphan_wait=ORPHAN_WAIT_SECONDS):
         yield
 
 

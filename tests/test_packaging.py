@@ -1,6 +1,7 @@
 """An install of lit_sharp holds the callbacks and the configs inside the package (``lit_sharp.callbacks``,
 ``lit_sharp/configs``) and nothing generic at top level; a checkout and an editable install use the repository's
-top-level ``callbacks/`` and ``configs/``; building prints no setuptools warning."""
+top-level ``callbacks/`` and ``configs/``; building prints no setuptools warning. Its Hydra launchers go into
+Hydra's ``hydra_plugins`` namespace."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "lit_sharp", "callbacks", "configs")
+SOURCES = ("pyproject.toml", "README.md", "lit_sharp", "callbacks", "configs", "hydra_plugins")
 #: What setuptools prints when package data lies in a folder the build does not know as a package.
 SETUPTOOLS_WARNINGS = ("is absent from the `packages` configuration", "package init file", "BuildBackendWarning")
 
@@ -55,7 +56,10 @@ def installed(install_log: tuple[Path, str]) -> Path:
 
 def test_install_puts_the_callbacks_inside_the_package_and_nothing_generic_at_top_level(installed: Path) -> None:
     top_level = {path.name for path in installed.iterdir() if not path.name.endswith(".dist-info")}
-    assert top_level == {"lit_sharp"}  # no top-level callbacks or configs
+    # No top-level callbacks or configs; hydra_plugins is the namespace package where Hydra looks for launchers; ours take one folder of it.
+    assert top_level == {"lit_sharp", "hydra_plugins"}
+    assert [path.name for path in (installed / "hydra_plugins").iterdir()] == ["lit_sharp_launchers"]
+    assert not (installed / "hydra_plugins" / "__init__.py").exists()  # a namespace, shared with Hydra's plugins
     installed_callbacks = {path.name for path in (installed / "lit_sharp" / "callbacks").glob("*.py")}
     assert installed_callbacks == {path.name for path in (REPO / "callbacks").glob("*.py")}
 
