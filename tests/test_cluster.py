@@ -308,16 +308,19 @@ def test_stale_owner_files_are_taken_over_by_exactly_one_process(tmp_path):
     assert not is_held(lock)
 
 
-def _orphaning_holder(lock, ready):
+def _orphaning_holder(lock, ready, release):
     # As an owner whose forked child (a DataLoader worker) inherits its kernel lock; filelock closes inherited lock
-    # descriptors in a forked child, so the lock is taken here with fcntl itself.
+    # descriptors in a forked child, so the lock is taken here with fcntl itself. The child keeps it until the test
+    # creates the file ``release`` (at most two minutes).
     import fcntl
 
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     owner_path(Path(lock)).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0}))
     if os.fork() == 0:
-        time.sleep(15)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.1)
         os._exit(0)
     ready.set()
     os._exit(0)
@@ -327,14 +330,18 @@ def test_a_lock_held_past_its_owner_is_reported_then_taken_when_free(tmp_path):
     lock = tmp_path / "run.lock"
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    owner = ctx.Process(target=_orphaning_holder, args=(str(lock), ready))
+    release = tmp_path / "release"
+    owner = ctx.Process(target=_orphaning_holder, args=(str(lock), ready, str(release)))
     owner.start()
     assert ready.wait(60)
-    owner.join(timeout=60)
+    # Not join(): it waits on a pipe the forked child inherited, i.e. until the child is gone too.
+    while owner.is_alive():
+        time.sleep(0.05)
     with pytest.raises(LockBusy) as busy:
         with hold(lock):
             pass
     assert busy.value.holder == f"{socket.gethostname()}:{owner.pid} (gone; a process it started still holds the lock)"
+    release.touch()
     with hold(lock, orphan_wait=60):  # the child lets go within seconds; the run folder's lock waits that long
         assert read_owner(lock)["pid"] == os.getpid()
 
