@@ -82,11 +82,14 @@ def resume_checkpoint(run_dir: Path) -> tuple[Path | None, str | None]:
     ``last.ckpt`` is tried first, then the one it replaced (:func:`lit_sharp.checkpoint_io.previous_of`). A file
     that does not read back whole (:func:`~lit_sharp.checkpoint_io.checkpoint_defect`) is renamed
     ``<name>.unreadable-<time>``, never deleted, so that it cannot block the run again and can still be inspected.
+    Temporary files of a save that was killed midway are removed.
 
     Returns:
         ``(checkpoint or None to train from scratch, note or None when nothing was moved)``.
     """
     last = last_checkpoint(run_dir)
+    for partial in last.parent.glob(".*.tmp"):  # a writer killed mid-save (the run lock is ours: none is writing)
+        partial.unlink(missing_ok=True)
     moved = []
     for path in (last, previous_of(last)):
         if not path.is_file():

@@ -230,4 +230,4 @@ class EpochSampler(ResumableEpochs, torch.utils.data.Sampler):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = range(self.num_samples)
-        return ((self.epoch, index) for index in order[self._start():])
+        return ((self.epoch, index) for index in order[self.iteration_start():])

@@ -187,7 +187,7 @@ class DeviceTrainLoader:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.sampler.permutation()
-        first = self.sampler._start()
+        first = self.sampler.iteration_start()
         self._handed_out = first // self.batch_size
         self._generator = generator = None
         if self.augment:

@@ -36,7 +36,7 @@ class ResumableEpochs:
         """Make the next iteration of ``epoch`` start at index ``start`` of its order (once)."""
         self._resume = (int(epoch), int(start))
 
-    def _start(self) -> int:
+    def iteration_start(self) -> int:
         """Where this iteration starts; consumes a pending :meth:`resume_at` of this epoch."""
         start = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
         self._resume = None
