@@ -61,6 +61,7 @@ class Preemption(Callback):
         self.every_seconds = None if every_minutes is None else 60.0 * float(every_minutes)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._installed = False
         self._last_save = time.monotonic()
 
     @override
@@ -71,6 +72,7 @@ class Preemption(Callback):
                 self._previous[signum] = signal.signal(signum, self._on_signal)
             except ValueError:  # not the main thread: nothing can be caught here
                 return
+            self._installed = True
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -115,10 +117,12 @@ class Preemption(Callback):
         raise Preempted(signum)
 
     def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-        self._previous = {signum: handler for signum, handler in self._previous.items() if signum == _submitit_signal()}
+        """Hand the signals back to their earlier handlers (kept: ``_stop`` calls submitit's)."""
+        if self._installed:
+            for signum, handler in self._previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
+            self._installed = False
 
 
 def _submitit_signal() -> int:

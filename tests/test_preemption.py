@@ -49,6 +49,7 @@ def assert_same_training(a, b):
     assert all(torch.equal(x, y) for x, y in zip(*momentum))
 
 
+@pytest.mark.timeout(1200)  # two trainings and a child process: a few minutes on a shared 2-core machine
 def test_sigterm_checkpoints_the_current_step_and_the_relaunch_repeats_no_step(uninterrupted, synthetic_root,
                                                                                 tmp_path):
     overrides = [*tiny_run_overrides(synthetic_root, tmp_path / "runs"), *RUN]
@@ -58,14 +59,17 @@ def test_sigterm_checkpoints_the_current_step_and_the_relaunch_repeats_no_step(u
     # As many threads as this process: a CPU reduction over another number of threads rounds differently.
     env = subprocess_env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                          OMP_NUM_THREADS=str(torch.get_num_threads()))
-    process = subprocess.Popen([sys.executable, "train.py", *overrides, *stall], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), process.communicate(timeout=60)[0][-3000:]
-    os.kill(process.pid, signal.SIGTERM)
-    output = process.communicate(timeout=300)[0]
+    console = tmp_path / "console.txt"  # a file, not a pipe that nobody reads until the end and that could fill
+    with console.open("w") as sink:
+        process = subprocess.Popen([sys.executable, "train.py", *overrides, *stall], cwd=REPO, env=env,
+                                   stdout=sink, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 900
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), console.read_text()[-3000:]
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout=300)
+    output = console.read_text()
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]  # never 0: the run is not finished
     run_dir = run_dir_of(compose_config(*overrides))
     assert run_status(run_dir) is None  # no record claims the run finished
@@ -208,3 +212,14 @@ def test_a_truncated_run_config_without_checkpoint_is_rewritten(synthetic_root, 
     claim_identity(cfg, run_dir)
     assert json.loads((run_dir / IDENTITY_FILE).read_text()) == json.loads(json.dumps(identity_of(cfg), default=str))
     claim_identity(cfg, run_dir)  # and is accepted as the run's own afterwards
+
+
+def test_a_checkpoint_is_saved_every_checkpoint_every_minutes(synthetic_root, tmp_path, caplog):
+    # Every step is "later than" a millionth of a minute: a save after each of the 3 steps, at its step.
+    cfg = compose_config(*tiny_run_overrides(synthetic_root, tmp_path), *RUN, "trainer.max_steps=3",
+                         "trainer.checkpoint_every_minutes=1e-6")
+    with caplog.at_level(logging.INFO, logger="lit_sharp.callbacks.preemption"):
+        run(cfg)
+    saved = [r.getMessage() for r in caplog.records if r.name == "lit_sharp.callbacks.preemption"]
+    last = last_checkpoint(run_dir_of(cfg))
+    assert saved == [f"saved {last} at step {step} (every 1e-06 minutes)" for step in (1, 2, 3)]

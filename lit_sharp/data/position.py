@@ -56,6 +56,8 @@ class ResumableDataLoader(DataLoader):
         self._handed_out = 0
 
     def __iter__(self) -> Iterator[Any]:
+        if not isinstance(self.sampler, ResumableEpochs):  # e.g. a distributed sampler put in by Lightning
+            return super().__iter__()
         pending = self.sampler._resume
         self._handed_out = pending[1] // self.batch_size if pending is not None else 0
         return self._counted(super().__iter__())
@@ -70,11 +72,16 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "batches"}``: the batches of the sampler's epoch handed out so far."""
+        """``{"epoch", "batches"}``: the batches of the sampler's epoch handed out so far (empty for another
+        sampler: such a run resumes at the start of its epoch)."""
+        if not isinstance(self.sampler, ResumableEpochs):
+            return {}
         return {"epoch": int(self.sampler.epoch), "batches": int(self._handed_out)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the batch after the last one handed out when ``state`` was taken."""
+        if not state or not isinstance(self.sampler, ResumableEpochs):
+            return
         epoch, skip = resume_point(state, len(self))
         self.sampler.set_epoch(epoch)  # workers draw indices as soon as the iterator exists
         self.sampler.resume_at(epoch, skip * self.batch_size)
