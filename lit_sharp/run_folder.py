@@ -23,7 +23,7 @@ from lit_sharp.atomic_files import write_json
 from lit_sharp.checkpoint_io import checkpoint_defect, previous_of
 from lit_sharp.config import lock_mode, to_plain
 from lit_sharp.errors import ConfigError, UserError
-from lit_sharp.locks import hold
+from lit_sharp.locks import ORPHAN_WAIT_SECONDS, hold
 from lit_sharp.results import RESULTS_FILE, flatten, make_record, run_status, write_results
 from lit_sharp.tracking import WANDB_ID_FILE
 
@@ -34,6 +34,8 @@ IDENTITY_PREFIXES = ("model.", "module.", "data.augment", "data.randaugment", "d
                      "trainer.max_epochs", "trainer.max_steps", "trainer.precision", "seed")
 #: ... except these, which change speed only.
 SPEED_ONLY_KEYS = ("module.check_finite_every", "module.channels_last", "module.compile")
+#: Identity keys added after runs were recorded without them, with the value those runs used.
+RECORDED_BEFORE = {"model.init": "torch"}
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 FINAL_STATUSES = ("completed", "diverged")
@@ -115,7 +117,7 @@ def source_run_dir(ckpt: Path) -> Path | None:
 @contextmanager
 def run_lock(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock (see :func:`lit_sharp.locks.hold`); :class:`~lit_sharp.locks.LockBusy` if taken."""
-    with hold(run_dir / RUN_LOCK, mode=lock_mode(cfg)):
+    with hold(run_dir / RUN_LOCK, mode=lock_mode(cfg), orphan_wait=ORPHAN_WAIT_SECONDS):
         yield
 
 
@@ -147,6 +149,7 @@ def claim_identity(cfg: DictConfig, run_dir: Path) -> None:
     except (ValueError, UnicodeDecodeError) as exc:
         _recover_identity(path, mine, run_dir, exc)
         return
+    theirs = {**RECORDED_BEFORE, **theirs}
     changed = [f"{key}: {theirs.get(key)!r} -> {mine.get(key)!r}" for key in sorted(set(mine) | set(theirs))
                if json.dumps(mine.get(key), default=str) != json.dumps(theirs.get(key), default=str)]
     if changed:

@@ -7,7 +7,8 @@ Kwon et al. 2021; ``1`` for standard sharpness):
 - average case: ``E_xi[L_B(w + rho * c * xi) - L_B(w)]``, ``xi ~ N(0, I)`` (l2) or ``U(-1, 1)^p`` (linf);
 - worst case: ``max_{||delta / c||_p <= rho} L_B(w + delta) - L_B(w)``, estimated with Auto-PGD in weight space
   (Croce and Hein 2020), 20 steps from ``delta = 0``, exactly as the released code does it (a spec name means that
-  algorithm; ``method="steepest"`` is a stronger maximizer for adaptive l2, with its own name).
+  algorithm; ``method="steepest"`` is a stronger maximizer for adaptive l2, and ``random_start=True`` the paper's
+  ImageNet start drawn uniformly from the feasible set, each with its own name suffix).
 
 Sharpness is the mean of the per-batch values (m-sharpness with m the batch size). Pure torch: the Lightning
 callback in ``callbacks/sharpness.py`` is a thin wrapper around :func:`sharpness`.
@@ -28,12 +29,15 @@ from lit_sharp.sharpness.measure import sharpness
 from lit_sharp.sharpness.objective import LossFn, normalize_logits
 from lit_sharp.sharpness.spec import (
     CURVATURE_KINDS,
+    IMAGENET_HEADLINE,
+    IMAGENET_N_SAMPLES,
     KINDS,
     METHODS,
     NORMS,
     PAPER_N_SAMPLES,
     PERTURBATION_KINDS,
     PRESETS,
+    RANDOM_START_SUFFIX,
     SharpnessResult,
     SharpnessSpec,
     preset,
@@ -45,6 +49,7 @@ from lit_sharp.sharpness.worst_case import (
     APGD_MOMENTUM,
     APGD_STEP_DECAY,
     apgd_checkpoints,
+    uniform_start,
 )
 
 __all__ = [
@@ -54,12 +59,15 @@ __all__ = [
     "APGD_STEP_DECAY",
     "CURVATURE_KINDS",
     "DEFAULT_SEED",
+    "IMAGENET_HEADLINE",
+    "IMAGENET_N_SAMPLES",
     "KINDS",
     "METHODS",
     "NORMS",
     "PAPER_N_SAMPLES",
     "PERTURBATION_KINDS",
     "PRESETS",
+    "RANDOM_START_SUFFIX",
     "LossFn",
     "SharpnessResult",
     "SharpnessSpec",
@@ -67,4 +75,5 @@ __all__ = [
     "normalize_logits",
     "preset",
     "sharpness",
+    "uniform_start",
 ]

@@ -46,6 +46,9 @@ def sharpness(
     checkpoint of :func:`apgd_checkpoints` when the best value improved in fewer than 75% of the iterations since
     the last one or neither ``eta`` nor the best value changed, the next gradient then being taken at the best
     point. The per-batch value is the largest increase seen over all iterates, ``delta = 0`` included.
+    ``spec.random_start`` (the paper's ImageNet protocol) starts the search at a point drawn uniformly from the
+    feasible set (``delta / c`` uniform in the box for linf, in the ball for l2) instead of ``delta = 0``, which
+    still counts, so the value stays >= 0; one more forward pass per batch.
     ``spec.method == "steepest"`` (adaptive l2) steps along ``c^2 g / ||c g||_2`` instead, the steepest ascent
     direction of the ellipsoid's geometry, and rescales onto it: higher values than the paper's algorithm.
 
@@ -60,7 +63,8 @@ def sharpness(
     never a dense Hessian; for ``rho -> 0`` they are the limits ``2 / rho^2`` times average-case l2 sharpness and
     worst-case l2 sharpness of the paper's Appendix A.1. There is no perturbation, so ``err_increase`` is NaN.
 
-    Cost per batch: worst case ``n_iters + 1`` forward and ``n_iters`` backward passes; average case
+    Cost per batch: worst case ``n_iters + 1`` forward (``n_iters + 2`` from a random start) and ``n_iters``
+    backward passes; average case
     ``n_samples + 1`` forward passes; curvature one forward and one double backward, then ``n_samples``
     (trace) or ``n_iters`` (top eigenvalue) Hessian-vector products, each about twice a backward pass.
 
@@ -69,8 +73,9 @@ def sharpness(
         batches: ``(x, y)`` pairs; moved to the model's device; floating ``x`` is cast to float32.
         spec: the definition and radius.
         loss_fn: ``loss_fn(logits, y) -> scalar``; defaults to the mean cross-entropy.
-        generator: seed or generator of the average-case noise, Hutchinson's vectors or the Lanczos start (a
-            generator on the model's device type); None uses seed 0, so a call is reproducible.
+        generator: seed or generator of the average-case noise, the worst case's random start, Hutchinson's vectors
+            or the Lanczos start (a generator on the model's device type); None uses seed 0, so a call is
+            reproducible.
         return_perturbations: worst case only: also return, per batch, the ``delta`` attaining its value.
         scale: adaptive specs only: the scale ``c`` per parameter name (as in ``named_parameters()``, every
             parameter, same shapes), replacing ``|w|`` for models whose invariances call for another one, e.g.
@@ -99,7 +104,7 @@ def sharpness(
             weights.load(weights.origin)  # the previous batch left its last iterate in the model
             objective = Objective(model, weights, *_to_device(batch, index, weights.device), spec, loss_fn)
             if spec.kind == "worst":
-                value, err, delta = worst_case_on_batch(objective, weights, spec, c)
+                value, err, delta = worst_case_on_batch(objective, weights, spec, c, rng)
                 if return_perturbations:
                     perturbations.append(weights.as_dict(delta))
             elif spec.kind == "average":

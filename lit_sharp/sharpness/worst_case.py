@@ -1,5 +1,6 @@
 """The worst case on one batch: Auto-PGD in weight space as the released code runs it (step schedule, momentum,
-restarts), with the projection onto the feasible set of each norm (the ellipsoid for adaptive l2)."""
+restarts), with the projection onto the feasible set of each norm (the ellipsoid for adaptive l2), from ``delta = 0``
+or from a uniform random point of the feasible set."""
 
 from __future__ import annotations
 
@@ -50,20 +51,32 @@ def apgd_checkpoints(n_iters: int) -> tuple[int, ...]:
 
 
 def worst_case_on_batch(
-    objective: Objective, weights: FlatWeights, spec: SharpnessSpec, scale: Tensor | None
+    objective: Objective,
+    weights: FlatWeights,
+    spec: SharpnessSpec,
+    scale: Tensor | None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Auto-PGD on one batch; returns (value, error increase, delta), all on the device.
 
     Works in ``u = delta / c``, where the feasible set is the plain ball ``||u||_p <= rho``. Every decision is a
     tensor op (no host sync in the loop), and the loss of an iterate comes from the forward pass that also gives
-    the gradient for the next step.
+    the gradient for the next step. With ``spec.random_start`` the search starts at :func:`uniform_start` (drawn
+    from ``generator``) as Auto-PGD starts from any point; ``delta = 0`` then still competes for the best value.
     """
-    loss0, err0, gradient = objective(with_gradient=True)
-    step_direction, project = _worst_case_geometry(spec, scale)
+    loss0, err0, gradient = objective(with_gradient=not spec.random_start)
     u = torch.zeros_like(weights.origin)  # u_k
+    start_loss, start_err = loss0, err0
+    if spec.random_start:
+        if generator is None:
+            raise ValueError(f"spec {spec.name!r} starts at a random point: pass the local generator")
+        u = uniform_start(spec, scale, weights.origin, generator)
+        weights.load(_displace(weights.origin, scale, u))
+        start_loss, start_err, gradient = objective(with_gradient=True)
+    step_direction, project = _worst_case_geometry(spec, scale)
     u_before = u  # u_{k-1}: the released code's momentum term mixes in the iterate before last
-    best_u, best_loss, best_err, best_gradient = u, loss0, err0, gradient
-    schedule = _StepSizeSchedule(spec.rho, loss0, spec.n_iters)
+    best_u, best_loss, best_err, best_gradient = u, start_loss, start_err, gradient
+    schedule = _StepSizeSchedule(spec.rho, start_loss, spec.n_iters)
     for k in range(1, spec.n_iters + 1):
         ascent = torch.addcmul(u, step_direction(gradient), schedule.step)
         u_before, u = u, torch.add(project(ascent).mul_(APGD_MOMENTUM), u_before, alpha=1 - APGD_MOMENTUM)
@@ -82,8 +95,42 @@ def worst_case_on_batch(
             # As in the released code, a restart takes the next gradient at the best point while the iterate and
             # its momentum carry on.
             gradient = torch.where(restart, best_gradient, gradient)
+    if spec.random_start:
+        # delta = 0 is feasible: a search that never beat its origin reports 0, as the zero start does.
+        gained = best_loss > loss0
+        best_loss = torch.where(gained, best_loss, loss0)
+        best_err = torch.where(gained, best_err, err0)
+        best_u = torch.where(gained, best_u, 0.0)
     delta = best_u if scale is None else scale * best_u
     return best_loss - loss0, best_err - err0, delta
+
+
+def uniform_start(spec: SharpnessSpec, scale: Tensor | None, like: Tensor, generator: torch.Generator) -> Tensor:
+    """A point ``u = delta / c`` drawn uniformly from the feasible set, the random start of Auto-PGD (paper, App. C).
+
+    linf: ``u ~ U(-rho, rho)`` per coordinate, so ``delta`` is uniform in the box ``[-rho c, rho c]``. l2: ``u``
+    uniform in the ball ``||u||_2 <= rho`` of the ``m`` coordinates that can move (``c > 0``; all for standard
+    sharpness), the others 0: a Gaussian direction times the radius ``rho * U^(1/m)``. ``delta = c * u`` is then
+    uniform in the ellipsoid ``||delta / c||_2 <= rho``, since a linear map keeps a uniform law uniform. In high
+    dimension nearly all of that volume lies near the boundary.
+
+    Args:
+        spec: the worst-case spec (its norm and radius).
+        scale: the flat ``c`` (None for ``c = 1``).
+        like: a flat tensor giving the size, dtype and device.
+        generator: the local generator the draw comes from.
+    """
+    rho = spec.rho
+    if spec.norm == "linf":
+        return torch.empty_like(like).uniform_(-rho, rho, generator=generator)
+    direction = torch.empty_like(like).normal_(generator=generator)
+    dimension = torch.tensor(like.numel(), dtype=like.dtype, device=like.device)
+    if scale is not None:
+        movable = scale > 0
+        direction = torch.where(movable, direction, 0.0)
+        dimension = movable.sum().to(like.dtype)
+    radius = rho * torch.rand((), generator=generator, dtype=like.dtype, device=like.device).pow(1.0 / dimension)
+    return direction.mul_(radius / (direction.norm() + _GRAD_NORM_EPS))
 
 
 class _StepSizeSchedule:
