@@ -11,6 +11,7 @@ _HOMES = {
     "AdaptiveSharpness": "sharpness",
     "CorruptionError": "corruption",
     "FinalErrors": "final_errors",
+    "Preemption": "preemption",
     "RunClock": "run_clock",
 }
 

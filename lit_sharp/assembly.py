@@ -6,7 +6,6 @@ config key means the same thing to both.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +20,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lit_sharp.callbacks.preemption import Preemption
+from lit_sharp.checkpoint_io import AtomicCheckpointIO
 from lit_sharp.config import lock_mode
 from lit_sharp.errors import ConfigError
 from lit_sharp.locks import hold
 from lit_sharp.models.init import initialise
 from lit_sharp.progress import LoggedStepProgressBar
-from lit_sharp.run_folder import CHECKPOINT_DIR
+from lit_sharp.run_folder import CHECKPOINT_DIR, last_checkpoint
 from lit_sharp.seeding import INIT_STREAM, derived_seed
 
 DOWNLOAD_LOCK = ".download.lock"
@@ -97,24 +98,32 @@ def download_lock(cfg: DictConfig) -> Iterator[None]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Logger], callbacks: list[Callback],
                   devices: list[int] | None) -> pl.Trainer:
-    """The configured Trainer of a run, with its checkpointing, its progress bar and ``callbacks``.
+    """The configured Trainer of a run, with its checkpointing (atomic files, end of every epoch, on a stop signal
+    and every ``trainer.checkpoint_every_minutes``: :class:`~lit_sharp.callbacks.preemption.Preemption`), its
+    progress bar and ``callbacks``.
 
     Args:
         devices: the GPUs to train on, or None to leave ``trainer.devices`` as configured.
     """
     kwargs: dict[str, Any] = {"devices": devices} if devices is not None else {}
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-        # submitit requeues on preemption (USR2) and the run resumes from its checkpoint; Lightning must not requeue too.
-        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Preemption checkpoints into last.ckpt and requeues on SLURM's signals; Lightning's own requeue would write
+        # an hpc_ckpt file that no relaunch reads.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     # The bar reads the loss only when the loggers flush (a host sync); Lightning's default reads it every step.
     progress = [LoggedStepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
-    return hydra.utils.instantiate(cfg.trainer, logger=loggers or False,
-                                   callbacks=[*progress, *callbacks, checkpointing(run_dir)],
-                                   default_root_dir=str(run_dir), **kwargs)
+    every = cfg.trainer.get("checkpoint_every_minutes")
+    on_stop = Preemption(last_checkpoint(run_dir), every_minutes=None if every is None else float(every))
+    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [key for key in cfg.trainer if key != "checkpoint_every_minutes"])
+    return hydra.utils.instantiate(trainer_cfg, logger=loggers or False,
+                                   callbacks=[*progress, *callbacks, checkpointing(run_dir), on_stop],
+                                   default_root_dir=str(run_dir), plugins=plugins, **kwargs)
 
 
 def checkpointing(run_dir: Path) -> ModelCheckpoint:
-    """One file, ``checkpoints/last.ckpt``, overwritten at the end of every epoch: enough to resume, no pile-up."""
+    """One file, ``checkpoints/last.ckpt``, replaced at the end of every epoch: enough to resume, no pile-up (the
+    file it replaces is kept until the next save, :class:`~lit_sharp.checkpoint_io.AtomicCheckpointIO`)."""
     return ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="last", save_last=False,
                            save_top_k=1, monitor=None, every_n_epochs=1, save_on_train_epoch_end=True,
                            enable_version_counter=False)

@@ -72,6 +72,8 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "seed", low=0)
     _precision(cfg)
     _duration(cfg)
+    if cfg.trainer.get("checkpoint_every_minutes") is not None:
+        _number(cfg, "trainer.checkpoint_every_minutes", low=0.0, low_open=True)
     _name(cfg)
     _one_of(cfg, "logger.kind", LOGGERS)
     if cfg.logger.kind == "wandb":

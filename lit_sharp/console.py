@@ -64,6 +64,8 @@ def run_summary(record: Mapping[str, Any], run_dir: Path, wandb_location: str | 
         lines.append("  error      " + "   ".join(errors))
     if run.get("error"):
         lines.append(f"  why        {run['error']}")
+    if run.get("recovered"):
+        lines.append(f"  recovered  {run['recovered']}")
     sharpness = [name for name in HEADLINE_SHARPNESS if f"sharpness/{name}" in metrics]
     for index, name in enumerate(sharpness):
         lines.append(f"  {'sharpness' if index == 0 else '':<10} {name} = {_number(metrics[f'sharpness/{name}'])}")

@@ -35,6 +35,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from lit_sharp.atomic_files import create_exclusive, write_json
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 30.0
@@ -227,10 +229,11 @@ def _take_over(lock: Path, stale: dict[str, Any]) -> None:
 
 def _write_owner(path: Path, *, exclusive: bool) -> None:
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": os.urandom(8).hex()}
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(owner, handle)
+    # Whole or absent (lit_sharp.atomic_files): a reader never sees an empty or half-written owner.
+    if exclusive:
+        create_exclusive(path, json.dumps(owner))
+    else:
+        write_json(path, owner)
 
 
 def _heartbeat(path: Path, stop: threading.Event) -> None:

@@ -1,18 +1,18 @@
 """The per-run record, ``<run dir>/results.json`` (docs/design.md): write it, read it, find it.
 
-The file is the source of truth for grids (which runs to skip) and for the analysis, so it is written atomically:
-a run killed while writing leaves the previous file or none, never half a file.
+The file is the source of truth for grids (which runs to skip) and for the analysis, so it is written atomically
+(:mod:`lit_sharp.atomic_files`): a run killed while writing leaves the previous file or none, never half a file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from lit_sharp.atomic_files import write_json
 
 RESULTS_FILE = "results.json"
 STATUSES = ("completed", "diverged", "failed")
@@ -89,20 +89,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def write_results(run_dir: Path | str, record: Mapping[str, Any]) -> Path:
     """Write ``record`` to ``run_dir/results.json`` atomically and return the path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".results.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle, indent=2, sort_keys=False, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(Path(run_dir) / RESULTS_FILE, record, indent=2, sort_keys=False, default=str)
 
 
 def read_results(path: Path | str) -> dict[str, Any]:

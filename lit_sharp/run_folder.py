@@ -2,13 +2,16 @@
 
 The run name is a function of the hyperparameters a grid varies, so launching the same configuration again finds
 its own folder. The folder holds ``results.json`` (:mod:`lit_sharp.results`), ``run_config.json`` (the identity: the
-config keys that decide what the run computes), ``checkpoints/last.ckpt``, the W&B files and ``.lock``, which one
+config keys that decide what the run computes), ``checkpoints/last.ckpt`` (and
+``last.previous.ckpt``, the one it replaced), the W&B files and ``.lock``, which one
 process at a time holds while it trains or evaluates the run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lit_sharp.atomic_files import write_json
+from lit_sharp.checkpoint_io import checkpoint_defect, previous_of
 from lit_sharp.config import lock_mode, to_plain
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.locks import ORPHAN_WAIT_SECONDS, hold
@@ -35,6 +40,8 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 FINAL_STATUSES = ("completed", "diverged")
 RUN_LOCK = ".lock"
+
+log = logging.getLogger(__name__)
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
@@ -66,8 +73,37 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a run resumes from (written at the end of every epoch)."""
+    """The checkpoint a run resumes from (written at the end of every epoch, on a pre-emption signal and every
+    ``trainer.checkpoint_every_minutes``)."""
     return run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def resume_checkpoint(run_dir: Path) -> tuple[Path | None, str | None]:
+    """The newest readable checkpoint of the run, and a one-line note when an unreadable one was moved aside.
+
+    ``last.ckpt`` is tried first, then the one it replaced (:func:`lit_sharp.checkpoint_io.previous_of`). A file
+    that does not read back whole (:func:`~lit_sharp.checkpoint_io.checkpoint_defect`) is renamed
+    ``<name>.unreadable-<time>``, never deleted, so that it cannot block the run again and can still be inspected.
+    Temporary files of a save that was killed midway are removed.
+
+    Returns:
+        ``(checkpoint or None to train from scratch, note or None when nothing was moved)``.
+    """
+    last = last_checkpoint(run_dir)
+    for partial in last.parent.glob(".*.tmp"):  # a writer killed mid-save (the run lock is ours: none is writing)
+        partial.unlink(missing_ok=True)
+    moved = []
+    for path in (last, previous_of(last)):
+        if not path.is_file():
+            continue
+        defect = checkpoint_defect(path)
+        if defect is None:
+            return path, (f"{'; '.join(moved)}; resumed from {path.name}" if moved else None)
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        moved.append(f"{path.name} was unreadable ({defect}) and was moved to {aside.name}")
+        log.warning("%s: %s", run_dir.name, moved[-1])
+    return None, (f"{'; '.join(moved)}; trained from scratch" if moved else None)
 
 
 def source_run_dir(ckpt: Path) -> Path | None:
@@ -104,14 +140,39 @@ def claim_identity(cfg: DictConfig, run_dir: Path) -> None:
     path = run_dir / IDENTITY_FILE
     mine = identity_of(cfg)
     if not path.is_file():
-        path.write_text(json.dumps(mine, indent=2, default=str))
+        write_json(path, mine, indent=2, default=str)
         return
-    theirs = {**RECORDED_BEFORE, **json.loads(path.read_text())}
+    try:
+        theirs = json.loads(path.read_text())
+        if not isinstance(theirs, dict):
+            raise ValueError("top level is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        _recover_identity(path, mine, run_dir, exc)
+        return
+    theirs = {**RECORDED_BEFORE, **theirs}
     changed = [f"{key}: {theirs.get(key)!r} -> {mine.get(key)!r}" for key in sorted(set(mine) | set(theirs))
                if json.dumps(mine.get(key), default=str) != json.dumps(theirs.get(key), default=str)]
     if changed:
         raise ConfigError("name", cfg.name, f"{run_dir} holds a run of another configuration ({'; '.join(changed)}); "
                           "choose another name=... for this variant, or delete that folder")
+
+
+def _recover_identity(path: Path, mine: dict[str, Any], run_dir: Path, exc: Exception) -> None:
+    """An unreadable identity file: rewritten from the config while the run has no checkpoint (nothing it
+    describes exists yet); otherwise the checkpoint's configuration is unknown, so the run is refused.
+
+    Raises:
+        UserError: naming the file, when the run has a checkpoint.
+    """
+    last = last_checkpoint(run_dir)
+    checkpoints = [p for p in (last, previous_of(last)) if p.is_file()]
+    if checkpoints:
+        raise UserError(f"{path} cannot be read ({type(exc).__name__}: {exc}), and {checkpoints[0]} was trained with "
+                        "the configuration it recorded; restore the file (it lists the identity keys of "
+                        "lit_sharp.run_folder.identity_of), or delete the run folder to train the run again")
+    log.warning("%s could not be read (%s: %s); rewritten from this launch's config (the run has no checkpoint yet)",
+                path, type(exc).__name__, exc)
+    write_json(path, mine, indent=2, default=str)
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
+from lit_sharp.atomic_files import write_text
 from lit_sharp.config import to_plain
 from lit_sharp.results import flatten, subgroup_of
 
@@ -58,7 +59,7 @@ def wandb_run_id(run_dir: Path) -> str:
         return path.read_text().strip()
     # W&B ids are short lowercase alphanumerics; made here so the id exists before W&B starts.
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    path.write_text(run_id + "\n")
+    write_text(path, run_id + "\n")
     return run_id
 
 

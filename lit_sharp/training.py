@@ -1,7 +1,10 @@
 """Training one run: fit (or resume) a model, measure it, and write ``results.json``.
 
 A completed (or diverged) run is skipped, a run with a checkpoint resumes from it, and a failed run is trained
-again; one process at a time holds a run folder (:func:`lit_sharp.run_folder.run_lock`).
+again; one process at a time holds a run folder (:func:`lit_sharp.run_folder.run_lock`). A stop signal saves a
+checkpoint at the current step and ends the process with a non-zero status (:mod:`lit_sharp.callbacks.preemption`); a
+checkpoint that does not read back whole is moved aside and the run resumes from the one before
+(:func:`lit_sharp.run_folder.resume_checkpoint`).
 
 A run is ``completed`` only with all its numbers: after training, every measurement (:mod:`lit_sharp.measurements`)
 whose results are not yet recorded is measured, so a relaunch after a crash during the measurements loads the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,10 +28,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from lit_sharp.assembly import build_datamodule, build_model, build_named_callbacks, build_trainer
 from lit_sharp.callbacks.metric_logging import log_final_metrics
+from lit_sharp.callbacks.preemption import Preempted
 from lit_sharp.callbacks.run_clock import ATTEMPTS_FILE, RunClock
 from lit_sharp.config import lock_dir, lock_mode, to_plain
 from lit_sharp.console import run_summary
@@ -37,7 +43,7 @@ from lit_sharp.locks import LockBusy
 from lit_sharp.measurements import MeasurementChecks, measured_at, split_measures
 from lit_sharp.module import Diverged
 from lit_sharp.results import ResultsError, make_record, read_results, run_status, write_results
-from lit_sharp.run_folder import (claim_identity, hparams_of, is_finished, last_checkpoint, record_refusal,
+from lit_sharp.run_folder import (claim_identity, hparams_of, is_finished, record_refusal, resume_checkpoint,
                                   run_dir_of, run_lock)
 from lit_sharp.tracking import build_loggers, finish_wandb, log_config, run_tags, wandb_location
 
@@ -94,9 +100,9 @@ def _fit_and_measure(cfg: DictConfig, run_dir: Path, devices: list[int] | None) 
     name = run_dir.name
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
-    last = last_checkpoint(run_dir)
+    last, recovered = resume_checkpoint(run_dir)
     # A resumed run takes its weights from the checkpoint: initialised once, when the run started.
-    model = build_model(cfg.model, init_seed=None if last.is_file() else int(cfg.seed))
+    model = build_model(cfg.model, init_seed=None if last is not None else int(cfg.seed))
     module = hydra.utils.instantiate(cfg.module, model=model)
     measures, callbacks = split_measures(build_named_callbacks(cfg))
     loggers = build_loggers(cfg, run_dir, name, tags=run_tags(hparams, cfg))
@@ -104,12 +110,16 @@ def _fit_and_measure(cfg: DictConfig, run_dir: Path, devices: list[int] | None) 
     clock = RunClock(run_dir / ATTEMPTS_FILE)
     checks = MeasurementChecks(list(measures.values()))
     trainer = build_trainer(cfg, run_dir, loggers, [clock, checks, *callbacks], devices)
-    if last.is_file():
+    if last is not None:
         log.info("resuming %s from %s", name, last)
     status, error = "completed", None
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last is not None else None)
         module.check_finite()  # also a run whose training had already ended before this launch
+    except SIGTERMException:
+        # Lightning ends fit with exit status 0 on a SIGTERM that Preemption did not serve (before training began);
+        # an interrupted run must never look finished to its scheduler.
+        raise Preempted(signal.SIGTERM) from None
     except Diverged as exc:
         status, error = "diverged", str(exc)
     except UserError:
@@ -121,10 +131,11 @@ def _fit_and_measure(cfg: DictConfig, run_dir: Path, devices: list[int] | None) 
     if status == "completed" and trainer.state.status.value != "finished":
         raise RuntimeError(f"training of {name} ended in state {trainer.state.status.value}; no results written")
     if status == "diverged":
-        return _record(cfg, run_dir, loggers, status, clock.record(), {}, error)
+        return _record(cfg, run_dir, loggers, status, clock.record(), {}, error, recovered=recovered)
     metrics, measured = _measure(cfg, run_dir, trainer, module, datamodule, measures, loggers, clock,
-                                 reuse=checks.steps_trained == 0)
-    return _record(cfg, run_dir, loggers, "completed", clock.record(), metrics, None, measured=measured)
+                                 reuse=checks.steps_trained == 0 and recovered is None)
+    return _record(cfg, run_dir, loggers, "completed", clock.record(), metrics, None, measured=measured,
+                   recovered=recovered)
 
 
 def _measure(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any,
@@ -181,10 +192,11 @@ def _previous_record(run_dir: Path) -> dict[str, Any] | None:
 
 def _record(cfg: DictConfig, run_dir: Path, loggers: list[Logger], status: str, seconds: float,
             metrics: dict[str, float], error: str | None, *, measured: list[str] | None = None,
-            measuring: str | None = None, announce: bool = True) -> dict[str, Any]:
+            measuring: str | None = None, announce: bool = True, recovered: str | None = None) -> dict[str, Any]:
     """Write the run's record; with ``loggers``, also close its W&B run with the same numbers.
 
     ``announce=False`` marks a progress record (true if the process dies now; the run goes on): no console summary.
+    ``recovered`` says which unreadable checkpoint this launch moved aside (``run.recovered``).
     """
     summary = {"run/status": status, "run/seconds": seconds, **metrics}
     where = wandb_location(loggers)
@@ -202,6 +214,8 @@ def _record(cfg: DictConfig, run_dir: Path, loggers: list[Logger], status: str, 
         record["run"]["measured"] = list(measured)
     if measuring is not None:
         record["run"]["measurement"] = measuring
+    if recovered is not None:
+        record["run"]["recovered"] = recovered
     write_results(run_dir, record)
     if announce:
         log.info("%s", run_summary(record, run_dir, where))

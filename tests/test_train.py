@@ -72,6 +72,7 @@ def test_csv_logger_is_the_no_wandb_alternative(synthetic_root, tmp_path):
         ("data.randaugment=autoaugment", "data.randaugment"),
         ("logger.mode=sometimes", "logger.mode"),
         ("name=a/b", "name"),
+        ("trainer.checkpoint_every_minutes=0", "trainer.checkpoint_every_minutes"),
     ],
 )
 def test_bad_config_values_are_refused_before_training(synthetic_root, tmp_path, override, key):

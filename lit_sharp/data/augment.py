@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torchvision import transforms
 
 from lit_sharp.constants import RANDAUGMENTS
+from lit_sharp.data.position import ResumableEpochs
 from lit_sharp.normalization import normalize
 from lit_sharp.seeding import AUGMENT_STREAM, SHUFFLE_STREAM, derived_seed
 
@@ -203,11 +204,12 @@ class AugmentedImages(torch.utils.data.Dataset):
         return to_normalized_tensor(image), self.labels[index]
 
 
-class EpochSampler(torch.utils.data.Sampler):
+class EpochSampler(ResumableEpochs, torch.utils.data.Sampler):
     """Yields ``(epoch, index)``: a permutation of the data set seeded by ``(seed, epoch)``.
 
     Lightning calls ``set_epoch`` at the start of every epoch (as for ``DistributedSampler``), so a run resumed at
-    epoch ``e`` sees exactly the order (and, through :class:`AugmentedImages`, the augmentations) of an uninterrupted run.
+    epoch ``e`` sees exactly the order (and, through :class:`AugmentedImages`, the augmentations) of an uninterrupted run;
+    one resumed mid-epoch starts at the index :meth:`resume_at` gives (:mod:`lit_sharp.data.position`).
     """
 
     def __init__(self, num_samples: int, *, seed: int, shuffle: bool = True) -> None:
@@ -228,4 +230,4 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = range(self.num_samples)
-        return ((self.epoch, index) for index in order)
+        return ((self.epoch, index) for index in order[self.iteration_start():])

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_sharp.data.augment import RANDAUGMENTS, AugmentedImages, EpochSampler, to_normalized_tensor
 from lit_sharp.data.device_loader import DeviceTrainLoader
+from lit_sharp.data.position import ResumableDataLoader
 from lit_sharp.data.reading import load_cifar10
 from lit_sharp.data.synthetic import ensure_synthetic, is_synthetic
 
@@ -129,7 +130,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             self.setup()
         return self._test
 
-    def train_dataloader(self) -> DataLoader | DeviceTrainLoader:
+    def train_dataloader(self) -> ResumableDataLoader | DeviceTrainLoader:
         images, labels = self.train_arrays
         device = self._training_device()
         if self.pipeline == "device" or (self.pipeline == "auto" and device.type == "cuda"):
@@ -137,7 +138,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
                                      device=device, drop_last=self.drop_last, channels_last=self.channels_last,
                                      randaugment=self.randaugment)
         dataset = AugmentedImages(images, labels, augment=self.augment, seed=self.seed, randaugment=self.randaugment)
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochSampler(len(dataset), seed=self.seed),

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from lit_sharp.data.augment import RANDAUGMENTS
 from lit_sharp.data.device_augment import batch_rand_augment
+from lit_sharp.data.position import ResumableEpochs, resume_point
 from lit_sharp.normalization import mean_std, normalize
 from lit_sharp.seeding import AUGMENT_STREAM, SHUFFLE_STREAM, derived_seed
 
 
-class DevicePermutationSampler(torch.utils.data.Sampler[int]):
+class DevicePermutationSampler(ResumableEpochs, torch.utils.data.Sampler[int]):
     """The epoch's order of the data: a permutation drawn on ``device``, seeded by ``(SHUFFLE_STREAM, seed, epoch)``.
 
     Lightning calls ``set_epoch`` at the start of every training epoch on a train loader's ``sampler``, so a run
@@ -142,6 +144,9 @@ class DeviceTrainLoader:
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         self.sampler = DevicePermutationSampler(len(images), seed=self.seed, device=self.device)
+        self._handed_out = 0
+        self._generator: torch.Generator | None = None
+        self._resumed_rng: torch.Tensor | None = None
         mean_std(self.images.device)  # made now, so that the first unaugmented batch copies nothing from the host
         self.augmentation = None
         if self.augment:
@@ -164,13 +169,35 @@ class DeviceTrainLoader:
         # iterator before it calls set_epoch with the resumed epoch (FitLoop.setup_data, then on_advance_start).
         return self._batches()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the epoch stands (:mod:`lit_sharp.data.position`), with the augmentation generator's state."""
+        state: dict[str, Any] = {"epoch": self.sampler.epoch, "batches": self._handed_out}
+        if self._generator is not None:
+            state["augment_rng"] = self._generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the batch after the last one handed out when ``state`` was taken, with the augmentation draws
+        an uninterrupted epoch would make from there."""
+        epoch, skip = resume_point(state, len(self))
+        self.sampler.set_epoch(epoch)
+        self.sampler.resume_at(epoch, skip * self.batch_size)
+        self._resumed_rng = state.get("augment_rng") if skip else None
+        self._handed_out = skip
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.sampler.permutation()
-        generator = None
+        first = self.sampler.iteration_start()
+        self._handed_out = first // self.batch_size
+        self._generator = generator = None
         if self.augment:
             seed = derived_seed(AUGMENT_STREAM, self.seed, self.sampler.epoch)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            self._generator = generator = torch.Generator(device=self.device).manual_seed(seed)
+            if first and self._resumed_rng is not None:
+                generator.set_state(self._resumed_rng)
+        self._resumed_rng = None
+        for start in range(first, len(self) * self.batch_size, self.batch_size):
+            self._handed_out += 1
             index = order[start:start + self.batch_size]
             images = self.images.index_select(0, index)
             x = normalize(images) if generator is None else self.augmentation(images, generator)
