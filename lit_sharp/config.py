@@ -19,7 +19,7 @@ from lit_sharp.models.vit import VARIANTS as SIMPLEVIT_VARIANTS
 #: The Hydra configs of the study (package data): ``train.yaml`` and its groups.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODELS = ("resnet18", "simplevit")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "zoo")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
 #: Steps between reads of the loss on a GPU, where every read is a host synchronisation.
 GPU_CHECK_FINITE_EVERY = 25
