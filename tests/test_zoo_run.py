@@ -8,6 +8,8 @@ computed here with torchvision's ImageFolder and transforms and the sharpness fu
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from wandb_offline import offline_runs, read_offline_run
 from zoo_files import augreg_file_name, randomize_, save_augreg_npz, write_index, zoo_rows
 from zoo_sets import write_eval_tree, write_image
 
-from lit_sharp.errors import ConfigError
+from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.results import read_results
 from lit_sharp.sharpness import preset, sharpness
 from lit_sharp.train import run
@@ -93,9 +95,10 @@ def grid(zoo_root: Path, sets: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def _list_models(zoo_root: Path) -> str:
     # The documented way to name a whole zoo: `python -m lit_sharp.zoo list ... --downloaded --comma`.
-    done = subprocess.run([sys.executable, "-m", "lit_sharp.zoo", "list", "augreg_in1k", "--root", str(zoo_root),
-                           "--downloaded", "--comma"], cwd=REPO, capture_output=True, text=True, check=True)
-    return done.stdout.strip()
+    done = io.StringIO()
+    with contextlib.redirect_stdout(done):
+        assert zoo_main(["list", "augreg_in1k", "--root", str(zoo_root), "--downloaded", "--comma"]) == 0
+    return done.getvalue().strip()
 
 
 def test_list_names_a_downloaded_zoo_on_one_comma_separated_line(zoo_root: Path, capsys) -> None:
@@ -202,12 +205,10 @@ def test_an_interrupted_measurement_resumes_where_it_stopped(zoo_root: Path, tmp
 
 def test_a_missing_model_file_is_one_clear_message(zoo_root: Path, sets: Path, tmp_path: Path) -> None:
     absent = augreg_file_name("i1k", "light0", 0.1, 0.1, 0.03)  # in index.csv, not downloaded
-    command = [sys.executable, "train.py", *tiny_overrides(zoo_root, sets, tmp_path, f"zoo.model={absent}")]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
-    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and str(zoo_root / f"{absent}.npz") in error[0] and "download augreg_in1k" in error[0]
+    with pytest.raises(UserError) as error:  # the command prints it as one line "error: ..." and exits 2
+        run(compose_config(*tiny_overrides(zoo_root, sets, tmp_path, f"zoo.model={absent}")))
+    message = str(error.value)
+    assert "\n" not in message and str(zoo_root / f"{absent}.npz") in message and "download augreg_in1k" in message
     refused = read_results(tmp_path / GRID / absent)
     assert refused["run"]["status"] == "failed" and refused["run"]["refused"]
     assert refused["hparams"] == {"zoo": "augreg_in1k", "model": absent}
