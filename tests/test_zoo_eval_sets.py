@@ -15,7 +15,7 @@ import timm.data
 import torch
 from PIL import Image
 from torch import nn
-from zoo_sets import BLUE, GREEN, RED, write_eval_tree, write_objectnet_mappings
+from zoo_sets import GREEN, RED, write_eval_tree, write_objectnet_mappings
 
 from lit_sharp.errors import DataError, UserError
 from lit_sharp.zoo.eval_sets import EVAL_SETS, EvalSetError, evaluation_errors

@@ -114,14 +114,17 @@ def check_zoo_config(cfg: DictConfig) -> None:
     unknown = sorted(set(zoo.sets or ()) - set(EVAL_SETS))
     if unknown:
         raise ConfigError("zoo.sets", list(zoo.sets), f"unknown sets {unknown}; known: {', '.join(EVAL_SETS)}")
-    for key, low, optional in (("train_error_images", 1, False), ("sharpness_batches", 1, False),
-                               ("sharpness_batch_size", 1, False), ("batch_size", 1, False), ("num_workers", 0, False),
-                               ("sharpness_n_iters", 1, True), ("sharpness_n_samples", 1, True)):
-        value = zoo.get(key)
-        if optional and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"zoo.{key}", value, f"must be an integer >= {low}" + (" or null" if optional else ""))
+    for key in ("train_error_images", "sharpness_batches", "sharpness_batch_size", "batch_size", "num_workers"):
+        _integer(zoo, key, low=0 if key == "num_workers" else 1)
+    for key in ("sharpness_n_iters", "sharpness_n_samples"):  # null keeps the preset's own
+        if zoo.get(key) is not None:
+            _integer(zoo, key, low=1)
+
+
+def _integer(zoo: DictConfig, key: str, low: int) -> None:
+    value = zoo.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"zoo.{key}", value, f"must be an integer >= {low}")
 
 
 def zoo_specs(cfg: DictConfig) -> list[SharpnessSpec]:
