@@ -16,9 +16,11 @@ the one that failed) and the numbers so far, and a relaunch measures only what i
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lit_sharp.callbacks.sharpness import ERR_INCREASE_PREFIX, VALUE_PREFIX
-from lit_sharp.config import to_plain
+from lit_sharp.config import lock_dir, lock_mode, to_plain
 from lit_sharp.console import run_summary
 from lit_sharp.errors import ConfigError, UserError
 from lit_sharp.evaluation import classification_error
+from lit_sharp.gpu_slots import gpu_slot, gpu_uuids, scheduler_owns_gpus
 from lit_sharp.locks import LockBusy
 from lit_sharp.results import ResultsError, flatten, make_record, read_results, run_status, write_results
 from lit_sharp.run_folder import claim_identity, is_finished, record_refusal, run_lock
@@ -76,7 +79,8 @@ def measure_zoo_model(cfg: DictConfig) -> dict[str, Any]:
                 if is_finished(run_dir):
                     log.info("skipping %s: already %s", run_dir, run_status(run_dir))
                     return read_results(run_dir)
-                return _measure(cfg, run_dir)
+                with _device_for(cfg) as device:
+                    return _measure(cfg, run_dir, device)
             except UserError as exc:
                 record_refusal(cfg, run_dir, exc, hparams=_named(cfg))
                 raise
@@ -176,12 +180,26 @@ class _Progress:
         return record
 
 
-def _measure(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+@contextmanager
+def _device_for(cfg: DictConfig) -> Iterator[torch.device]:
+    """The CPU without CUDA; the job's own GPU under a scheduler; else a GPU slot (:mod:`lit_sharp.gpu_slots`), so
+    a grid launched with several jobs at once spreads over the visible GPUs as training runs do."""
+    if not torch.cuda.is_available():
+        yield torch.device("cpu")
+    elif scheduler_owns_gpus(os.environ):
+        yield torch.device("cuda")
+    else:
+        with gpu_slot(gpu_uuids(torch.cuda.device_count()), int(cfg.resources.runs_per_gpu), lock_dir=lock_dir(cfg),
+                      lock_mode=lock_mode(cfg)) as gpu:
+            yield torch.device("cuda", gpu)
+
+
+def _measure(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
     zoo = cfg.zoo
     log.info("%s: loading model %s of zoo %s from %s", run_dir.name, zoo.model, zoo.name, zoo.root)
     model_kwargs = OmegaConf.to_container(zoo.model_kwargs, resolve=True) if zoo.model_kwargs else None
     model, own_hparams, data_config = load_zoo_model(zoo.name, zoo.model, zoo.root, model_kwargs)
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
     hparams = {**own_hparams, **_named(cfg)}
     loggers = build_loggers(cfg, run_dir, run_dir.name, tags=[str(zoo.name), str(cfg.name)], job_type="zoo")
     for logger in loggers:
