@@ -166,8 +166,11 @@ def test_relaunch_skips_measured_models_and_measures_the_missing_one(grid) -> No
         assert f"skipping {runs / GRID / name}" in launched.stdout + launched.stderr
     assert len(offline_runs(runs / GRID / MODELS[2])) == 1
     assert "measuring final/train_err (2 of 14)" in launched.stdout + launched.stderr
-    again = run(compose_config(*grid[1], f"zoo.model={MODELS[0]}"))
-    assert again == read_results(runs / GRID / MODELS[0])
+    again = run(compose_config(*grid[1], f"zoo.model={MODELS[0]}", "zoo.batch_size=7", "zoo.num_workers=1"))
+    assert again == read_results(runs / GRID / MODELS[0])  # speed-only keys: the same run, skipped
+    with pytest.raises(ConfigError, match=r"another configuration \(zoo.sharpness_batch_size: 4 -> 2\)"):
+        run(compose_config(*grid[1], f"zoo.model={MODELS[0]}", "zoo.sharpness_batch_size=2"))
+    assert (runs / GRID / MODELS[0] / "results.json").read_bytes() == before[MODELS[0]]
 
 
 def test_the_analysis_reads_the_zoo_grid(grid, tmp_path: Path) -> None:
