@@ -10,7 +10,10 @@ steps between CUDA synchronisations after a warm-up. MFU is the model's training
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
+from unittest import mock
 
 import lightning.pytorch as pl
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from lit_sharp import eval_mode
 from lit_sharp.data.device_loader import DeviceTrainLoader
 from lit_sharp.module import ClassifierModule
 from lit_sharp.sharpness import preset, sharpness
@@ -102,16 +106,42 @@ def throughput(model_name: str, sam: bool, precision: str, *, steps: int = 200, 
 
 
 def preset_seconds(model_name: str, device: str = "cuda", n_batches: int = 8, batch_size: int = BATCH,
-                   preset_kwargs: dict[str, int] | None = None, **model_kwargs: Any) -> float:
-    """Wall time of the model's 48-spec paper preset on ``n_batches`` batches of 128 (8: the paper's 1,024 images).
+                   preset_kwargs: dict[str, int] | None = None, tf32: bool = False, **model_kwargs: Any) -> float:
+    """Wall time of the model's paper preset (48 specs for the ResNet-18, 49 for the SimpleViT) on ``n_batches``
+    batches of 128 (8: the paper's 1,024 images).
 
     ``preset_kwargs`` (``n_iters``, ``n_samples``) shrink the preset for a dry run; the figure uses the defaults.
+    ``tf32=True`` times the preset with TF32 allowed for convolutions and matrix products instead of the IEEE float32
+    that measurements use (:func:`lit_sharp.eval_mode.full_float32`): the baseline of that setting's cost.
     """
     model = MODELS[model_name](**model_kwargs).to(device)
     batches = [(torch.randn(batch_size, 3, 32, 32, device=device),
                 torch.randint(0, 10, (batch_size,), device=device)) for _ in range(n_batches)]
-    return seconds(lambda: [sharpness(model, batches, spec) for spec in preset(f"paper_{model_name}", **(preset_kwargs or {}))],
-                   torch.device(device))
+    specs = preset(f"paper_{model_name}", **(preset_kwargs or {}))
+    with mock.patch.object(eval_mode, "full_float32", _tf32_allowed) if tf32 else nullcontext():
+        return seconds(lambda: [sharpness(model, batches, spec) for spec in specs], torch.device(device))
+
+
+@contextmanager
+def _tf32_allowed() -> Iterator[None]:
+    """TF32 for cuDNN convolutions and cuBLAS matrix products (the API of the installed torch), restored after."""
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9
+        nodes = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+        saved = [node.fp32_precision for node in nodes]
+        for node in nodes:
+            node.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            for node, value in zip(nodes, saved):
+                node.fp32_precision = value
+        return
+    saved_flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_flags
 
 
 def measure() -> dict[str, Any]:
@@ -121,8 +151,11 @@ def measure() -> dict[str, Any]:
     for model_name in MODELS:
         flops = train_flops_per_image(model_name)
         preset_s = preset_seconds(model_name)
-        results["rows"].append({"what": f"{model_name} sharpness preset (48 specs)", "value": preset_s, "unit": "s",
+        n_specs = len(preset(f"paper_{model_name}"))
+        results["rows"].append({"what": f"{model_name} sharpness preset ({n_specs} specs)", "value": preset_s, "unit": "s",
                                 "target": TARGETS_PRESET_S[model_name]})
+        results["rows"].append({"what": f"{model_name} sharpness preset ({n_specs} specs), TF32 allowed",
+                                "value": preset_seconds(model_name, tf32=True), "unit": "s", "target": None})
         for sam in (False, True):
             for precision in ("32-true", "bf16-mixed"):
                 img_s = throughput(model_name, sam, precision)

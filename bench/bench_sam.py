@@ -65,7 +65,7 @@ def _sam_rho0_step(model: nn.Module, opt: SAM, x: torch.Tensor, y: torch.Tensor)
     opt.second_step()
 
 
-def measure(quick: bool = True, device: str | None = None) -> dict[str, float]:
+def measure(quick: bool = True, device: str | None = None, batch_size: int = BATCH_SIZE) -> dict[str, float]:
     """Median time of a SAM step over the median time of a plain SGD step, on the same batch.
 
     Args:
@@ -77,8 +77,8 @@ def measure(quick: bool = True, device: str | None = None) -> dict[str, float]:
     """
     dev = torch.device(device or "cpu")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH_SIZE, 3, 32, 32, generator=gen).to(dev)  # (B, 3, 32, 32)
-    y = torch.randint(0, 10, (BATCH_SIZE,), generator=gen).to(dev)
+    x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(dev)  # (B, 3, 32, 32)
+    y = torch.randint(0, 10, (batch_size,), generator=gen).to(dev)
 
     torch.manual_seed(0)
     models = {name: _cifar_cnn().to(dev).train() for name in ("plain", "sam", "sam_rho0")}

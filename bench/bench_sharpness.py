@@ -2,8 +2,7 @@
 
 Worst case: Auto-PGD with ``n_iters`` steps needs ``n_iters + 1`` loss evaluations per batch and a gradient at all
 but the last, so the floor is ``n_iters + 1`` plain forward+backward passes per batch on the same model and data;
-the target is at most 1.10 times that. Average case: the floor is ``n_samples`` forward passes per batch. The
-released code (transcribed in ``tests/sharpness_reference.py``) is timed against the same floor for comparison.
+the target is at most 1.10 times that. Average case: the floor is ``n_samples`` forward passes per batch.
 Ratios, not seconds, are the result: both sides run on the same machine, interleaved, medians of a few repetitions.
 
 Run ``python bench/bench_sharpness.py [--full] [--device cuda]``.
@@ -12,11 +11,8 @@ Run ``python bench/bench_sharpness.py [--full] [--device cuda]``.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +23,8 @@ from timing import seconds
 
 BATCH_SIZE = 128  # m of the paper's m-sharpness
 N_ITERS = 20
+#: (width, blocks per stage, batches, average-case samples, repetitions) of the quick and the full measurement.
+QUICK, FULL = (8, 1, 2, 20, 5), (64, 2, 8, 100, 5)
 
 
 def _interleaved_medians(
@@ -44,32 +42,21 @@ def _interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _released_code() -> object | None:
-    tests = Path(__file__).resolve().parents[1] / "tests"
-    if not (tests / "sharpness_reference.py").exists():
-        return None
-    sys.path.insert(0, str(tests))
-    import sharpness_reference
-
-    return sharpness_reference
-
-
-def measure(quick: bool = True, device: str | None = None, include_released: bool = True) -> dict[str, object]:
+def measure(quick: bool = True, device: str | None = None) -> dict[str, object]:
     """Time sharpness() against its floor on a PreAct ResNet.
 
     Args:
         quick: 2 batches, width 8, one block per stage, 20 average-case samples, 5 repetitions (a minute on a CPU);
             otherwise 8 batches of ResNet-18 proper (width 64, two blocks per stage), 100 samples, 5 repetitions.
         device: where to run; default CUDA when available.
-        include_released: also time the released code's worst case (it is slower; skip it for speed).
 
     Returns:
         ``sharpness_vs_floor`` (worst-case linf adaptive time over ``n_iters + 1`` forward+backward passes per
         batch; the target is <= 1.10), ``average_vs_floor`` (average case over ``n_samples`` forward passes per
-        batch), ``released_vs_floor`` when timed, the median seconds behind them and the setting.
+        batch), the median seconds behind them and the setting.
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    width, blocks, n_batches, n_samples, repeats = (8, 1, 2, 20, 5) if quick else (64, 2, 8, 100, 5)
+    width, blocks, n_batches, n_samples, repeats = QUICK if quick else FULL
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = preact_resnet18(width=width, blocks_per_stage=blocks).to(target).eval()
@@ -100,15 +87,9 @@ def measure(quick: bool = True, device: str | None = None, include_released: boo
         "floor_average": forward_floor,
         "sharpness_average": lambda: sharpness(model, batches, average),
     }
-    released = _released_code() if include_released else None
-    if released is not None:
-        twin = copy.deepcopy(model)
-        functions["released_worst"] = lambda: released.eval_APGD_sharpness(
-            twin, batches, F.cross_entropy, rho=worst.rho, n_iters=N_ITERS, adaptive=True, norm="linf"
-        )
     seconds: dict[str, float] = {}
-    for group in (("floor_worst", "sharpness_worst", "released_worst"), ("floor_average", "sharpness_average")):
-        seconds |= _interleaved_medians({name: functions[name] for name in group if name in functions}, target, repeats)
+    for group in (("floor_worst", "sharpness_worst"), ("floor_average", "sharpness_average")):
+        seconds |= _interleaved_medians({name: functions[name] for name in group}, target, repeats)
     result: dict[str, object] = {
         "sharpness_vs_floor": seconds["sharpness_worst"] / seconds["floor_worst"],
         "average_vs_floor": seconds["sharpness_average"] / seconds["floor_average"],
@@ -117,8 +98,6 @@ def measure(quick: bool = True, device: str | None = None, include_released: boo
                         batch_size=BATCH_SIZE, n_iters=N_ITERS, n_samples=n_samples, repeats=repeats,
                         threads=torch.get_num_threads()),  # fmt: skip
     }
-    if "released_worst" in seconds:
-        result["released_vs_floor"] = seconds["released_worst"] / seconds["floor_worst"]
     return result
 
 
@@ -126,15 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="ResNet-18 proper, 8 batches (slow on a CPU)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-released", action="store_true", help="skip timing the released code")
     args = parser.parse_args()
-    result = measure(quick=not args.full, device=args.device, include_released=not args.no_released)
+    result = measure(quick=not args.full, device=args.device)
     print(f"setting: {result['setting']}")
     print(f"median seconds: { {name: round(value, 4) for name, value in result['seconds'].items()} }")
     print(f"sharpness_vs_floor (worst case, target <= 1.10): {result['sharpness_vs_floor']:.3f}")
     print(f"average_vs_floor (average case): {result['average_vs_floor']:.3f}")
-    if "released_vs_floor" in result:
-        print(f"released_vs_floor (released code, worst case): {result['released_vs_floor']:.3f}")
 
 
 if __name__ == "__main__":

@@ -17,14 +17,17 @@ training path (Lightning ``Trainer``, ``ClassifierModule``, the device-resident 
   of the resumed steps to 5% relative (bf16 rounding differences grow over steps, they do not change the course);
 
 and measures steady-state images/s, MFU (training FLOPs per image from ``torch.utils.flop_counter`` x images/s over
-the GPU's peak dense throughput), the 48-spec sharpness preset's time per model, and projects the time of a
-200-epoch run and the GPU-hours of both 204-run grids, each beside its target (``docs/performance.md``). Results go
+the GPU's peak dense throughput), the paper sharpness preset's time per model (in IEEE float32, as measurements
+run, and with TF32 allowed: the cost of that setting), and projects the time of a 200-epoch run and the GPU-hours of
+both 204-run grids, each beside its target (``docs/performance.md``). Results go
 to ``bench/results/<date>-<gpu>.json`` (key ``gpu_check``) and one ``gpu_check:`` summary line; the exit status is
 0 when every check passed.
 
 ``--dry-run`` runs every code path on the CPU at toy sizes (tiny models, a few steps): the tests use it. There the
-sync check is skipped (``set_sync_debug_mode`` exists for CUDA only) and the loss-falls verdict is not enforced
-(six steps are too few); the resume check is enforced (on a CPU it must hold to rounding).
+sync check counts, over the same steps, the ops that would make a GPU host wait (``host_reads.py``, as the step's
+own test does: ``set_sync_debug_mode`` exists for CUDA only) and fails on any; the loss-falls verdict is not enforced
+(six steps are too few); the resume check is enforced (on a CPU it must hold to rounding). The verdicts are functions
+of the measured data (:func:`sync_check`, :func:`loss_check`, :func:`resume_check`, :func:`passed`).
 
 Imports: torch, Lightning, numpy, torchvision (the device pipeline), filelock, and ``lit_sharp`` modules that need
 nothing else; no Hydra, omegaconf, W&B or submitit. The ViT's module is imported only when the ViT is built.
@@ -55,6 +58,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 import bench_gpu  # noqa: E402
+from host_reads import HostReadCounter  # noqa: E402
 from lit_sharp.data.device_loader import DeviceTrainLoader  # noqa: E402
 from lit_sharp.data.reading import load_cifar10  # noqa: E402
 from lit_sharp.data.synthetic import write_synthetic  # noqa: E402
@@ -116,9 +120,11 @@ class MidRunCheckpoint(ModelCheckpoint):
 
 
 class CheckProbe(pl.Callback):
-    """Per-step losses (kept on the device), steady-state timing and sync-debug windows.
+    """Per-step losses (kept on the device), steady-state timing and sync-check windows.
 
-    One callback, so that the order of its parts is fixed: the sync-debug mode is off whenever it syncs itself.
+    One callback, so that the order of its parts is fixed: the sync-debug mode is off whenever it syncs itself. On a
+    CUDA device a window runs under ``set_sync_debug_mode("error")``; elsewhere a :class:`HostReadCounter` counts the
+    host reads of each window into ``host_reads`` (step -> op -> count).
     """
 
     def __init__(self, sizes: Sizes, check_syncs: bool, checkpoint: MidRunCheckpoint | None = None) -> None:
@@ -128,10 +134,26 @@ class CheckProbe(pl.Callback):
         self.start: float | None = None
         self.seconds = 0.0
         self._step = 0
+        self._counter = HostReadCounter() if check_syncs and sizes.device != "cuda" else None
+        self._counting = False
+        self.host_reads: dict[int, dict[str, int]] = {}
 
     def _sync_mode(self, mode: str) -> None:
-        if self.check_syncs:
+        if self._counter is not None:
+            self._counter.step = self._step if mode == "error" else None
+        elif self.check_syncs:
             torch.cuda.set_sync_debug_mode(mode)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._counter is not None:
+            self._counter.__enter__()
+            self._counting = True
+
+    def _stop_counting(self) -> None:
+        if self._counting:
+            self._counter.__exit__(None, None, None)
+            self._counting = False
+            self.host_reads = {step: dict(ops) for step, ops in self._counter.counts.items() if ops}
 
     def _drain(self, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -157,6 +179,7 @@ class CheckProbe(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._sync_mode("default")
+        self._stop_counting()
         self._drain(pl_module)
         if self.start is not None:
             excluded = self.checkpoint.seconds if self.checkpoint is not None else 0.0
@@ -164,6 +187,7 @@ class CheckProbe(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._sync_mode("default")
+        self._stop_counting()
 
     def loss_list(self) -> dict[int, float]:
         steps = sorted(self.losses)
@@ -208,35 +232,64 @@ def _train_checked(name: str, sam: bool, precision: str, sizes: Sizes, data, wor
     """Train under the sync check; after a sync error, record it and train again without the check for timing."""
     on_gpu = sizes.device == "cuda"
     try:
-        probe = train(name, sam, precision, sizes, data, workdir, check_syncs=on_gpu, **kwargs)
+        probe = train(name, sam, precision, sizes, data, workdir, check_syncs=True, **kwargs)
     except RuntimeError as error:
         if not on_gpu or "synchroniz" not in str(error).lower():
             raise
         torch.cuda.set_sync_debug_mode("default")
         probe = train(name, sam, precision, sizes, data, workdir, check_syncs=False, **kwargs)
-        return probe, f"FAILED: {str(error).splitlines()[0]}"
-    status = f"ok ({probe.checked_steps} steps under error mode)" if on_gpu else "skipped (CPU: no sync debug mode)"
-    return probe, status
+        return probe, sync_check(0, {}, error=str(error))
+    return probe, sync_check(probe.checked_steps, probe.host_reads, on_gpu=on_gpu)
 
 
-def _loss_falls(losses: dict[int, float]) -> tuple[float, float, bool]:
+def sync_check(checked_steps: int, host_reads: dict[int, dict[str, int]], *, error: str | None = None,
+               on_gpu: bool = True) -> str:
+    """The sync verdict: ``FAILED: ...`` after a sync error (CUDA) or any host read counted (CPU), else ``ok (...)``.
+
+    Args:
+        checked_steps: steps run under the check.
+        host_reads: step -> op -> count, of the checked windows (the CPU's count; empty on a GPU).
+        error: the sync-debug mode's error, if one was raised.
+        on_gpu: whether the steps ran under ``set_sync_debug_mode("error")`` (else the host reads were counted).
+    """
+    if error is not None:
+        return f"FAILED: {error.splitlines()[0]}"
+    if host_reads:
+        return f"FAILED: host reads in checked steps {host_reads}"
+    how = "under error mode" if on_gpu else "with no host read"
+    return f"ok ({checked_steps} steps {how})"
+
+
+def loss_check(losses: dict[int, float]) -> tuple[float, float, bool]:
+    """``(first, last, falls)``: the mean loss of the first and of the last ``LOSS_WINDOW`` steps (half of them when
+    fewer than ``2 * LOSS_WINDOW``), and whether ``last <= (1 - MIN_LOSS_DROP) * first``."""
     values = [losses[s] for s in sorted(losses)]
     window = max(1, min(LOSS_WINDOW, len(values) // 2))
     first, last = statistics.fmean(values[:window]), statistics.fmean(values[-window:])
     return first, last, last <= (1 - MIN_LOSS_DROP) * first
 
 
-def _resume_check(name: str, sizes: Sizes, data, workdir: Path, uninterrupted: dict[int, float]) -> dict[str, Any]:
-    checkpoint = workdir / "mid.ckpt"
-    resumed = train(name, True, "bf16-mixed", sizes, data, workdir / "resumed", check_syncs=False,
-                    resume_from=checkpoint).loss_list()
+def resume_check(uninterrupted: dict[int, float], resumed: dict[int, float]) -> dict[str, Any]:
+    """Whether the resumed steps' losses follow the uninterrupted run's: the first step to ``RESUME_FIRST_STEP_RTOL``
+    relative, the mean over the resumed steps to ``RESUME_MEAN_RTOL`` relative.
+
+    Args:
+        uninterrupted: step -> loss of the run that was not stopped.
+        resumed: step -> loss of the run resumed from its checkpoint (a suffix of the same steps).
+    """
     steps = sorted(resumed)
     first_diff = abs(resumed[steps[0]] - uninterrupted[steps[0]]) / abs(uninterrupted[steps[0]])
     mean_a = statistics.fmean(uninterrupted[s] for s in steps)
     mean_diff = abs(statistics.fmean(resumed.values()) - mean_a) / abs(mean_a)
-    return {"model": name, "resumed_at_step": steps[0], "steps": len(steps), "first_step_rel_diff": first_diff,
+    return {"resumed_at_step": steps[0], "steps": len(steps), "first_step_rel_diff": first_diff,
             "mean_rel_diff": mean_diff, "tolerances": [RESUME_FIRST_STEP_RTOL, RESUME_MEAN_RTOL],
             "ok": first_diff <= RESUME_FIRST_STEP_RTOL and mean_diff <= RESUME_MEAN_RTOL}
+
+
+def _resume(name: str, sizes: Sizes, data, workdir: Path, uninterrupted: dict[int, float]) -> dict[str, Any]:
+    resumed = train(name, True, "bf16-mixed", sizes, data, workdir / "resumed", check_syncs=False,
+                    resume_from=workdir / "mid.ckpt").loss_list()
+    return {"model": name, **resume_check(uninterrupted, resumed)}
 
 
 def learnable_data(sizes: Sizes, root: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +317,7 @@ def run_check(sizes: Sizes, models: tuple[str, ...] = ("resnet18", "simplevit"))
                     probe, sync = _train_checked(name, sam, precision, sizes, data, workdir,
                                                  save_after_epoch=save_after if resume_source else None)
                     losses = probe.loss_list()
-                    first, last, falls = _loss_falls(losses)
+                    first, last, falls = loss_check(losses)
                     img_s = (sizes.steps - sizes.warmup) * sizes.batch / probe.seconds
                     peak = bench_gpu._peak(precision)
                     record["runs"].append({
@@ -275,14 +328,18 @@ def run_check(sizes: Sizes, models: tuple[str, ...] = ("resnet18", "simplevit"))
                         "target_s": bench_gpu.TARGETS_S_200_EPOCHS[(name, sam)] if precision == "bf16-mixed" else None,
                     })
                     if resume_source:
-                        record["resume"].append(_resume_check(name, sizes, data, workdir, losses))
+                        record["resume"].append(_resume(name, sizes, data, workdir, losses))
             record["preset"][name] = {
                 "seconds": bench_gpu.preset_seconds(name, device=sizes.device, n_batches=sizes.preset_batches,
                                                     batch_size=sizes.preset_batch, preset_kwargs=sizes.preset_kwargs,
                                                     **sizes.model_kwargs[name]),
                 "target_s": bench_gpu.TARGETS_PRESET_S[name]}
+            # The same preset with TF32 allowed: what measuring in IEEE float32 costs.
+            record["preset"][name]["seconds_tf32"] = bench_gpu.preset_seconds(
+                name, device=sizes.device, n_batches=sizes.preset_batches, batch_size=sizes.preset_batch,
+                preset_kwargs=sizes.preset_kwargs, tf32=True, **sizes.model_kwargs[name])
     record["projection"] = _projection(record)
-    record["passed"] = _passed(record, enforce_loss=not dry)
+    record["passed"] = passed(record, enforce_loss=not dry)
     return record
 
 
@@ -296,7 +353,8 @@ def _projection(record: dict[str, Any]) -> dict[str, Any]:
     return {"both_grids_gpu_hours": hours, "target_gpu_hours": 48}
 
 
-def _passed(record: dict[str, Any], enforce_loss: bool) -> bool:
+def passed(record: dict[str, Any], enforce_loss: bool) -> bool:
+    """Every run free of syncs, every resume on course and, when ``enforce_loss``, every run's loss falling."""
     syncs_ok = all(not row["sync"].startswith("FAILED") for row in record["runs"])
     loss_ok = all(row["loss_falls"] for row in record["runs"]) or not enforce_loss
     return syncs_ok and loss_ok and all(r["ok"] for r in record["resume"])
@@ -313,6 +371,7 @@ def summary_line(record: dict[str, Any]) -> str:
         if r["precision"] == "bf16-mixed":
             parts.append(f"{r['model']}_{'sam' if r['sam'] else 'plain'}_200ep_s={r['run_200_epochs_s']:.0f}")
     parts += [f"preset_{name}_s={p['seconds']:.1f}" for name, p in record["preset"].items()]
+    parts += [f"preset_{name}_tf32_s={p['seconds_tf32']:.1f}" for name, p in record["preset"].items()]
     parts.append(f"grid_gpu_hours={record['projection']['both_grids_gpu_hours']:.1f}")
     return "gpu_check: " + " ".join(parts)
 

@@ -78,7 +78,7 @@ class AdaptiveSharpness(Callback):
     ``loss_fn(logits, targets)`` replaces the mean cross-entropy.
 
     Args:
-        specs: a preset name (``"paper_resnet18"``, ``"paper_simplevit"``: 48 specs each), one
+        specs: a preset name (``"paper_resnet18"``, ``"paper_simplevit"``: 48 and 49 specs), one
             :class:`~lit_sharp.sharpness.SharpnessSpec`, or a list of specs, spec names such as
             ``"worst_linf_adaptive_ln_rho0.002"`` (as a YAML config lists them) or preset names.
         dataloader: yields batches, ``(inputs, targets)`` pairs unless ``batch_transform`` is given; the first

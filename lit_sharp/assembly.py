@@ -17,22 +17,40 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lit_sharp.config import lock_mode
 from lit_sharp.errors import ConfigError
 from lit_sharp.locks import hold
+from lit_sharp.models.init import initialise
 from lit_sharp.progress import LoggedStepProgressBar
 from lit_sharp.run_folder import CHECKPOINT_DIR
+from lit_sharp.seeding import INIT_STREAM, derived_seed
 
 DOWNLOAD_LOCK = ".download.lock"
 
 
-def build_model(model_cfg: DictConfig) -> nn.Module:
-    """Instantiate the model config (its ``name`` key identifies the architecture and is not passed on)."""
-    kwargs = {key: value for key, value in model_cfg.items() if key != "name"}
-    return hydra.utils.instantiate(kwargs)
+#: Keys of the model config that describe the run, not the constructor's arguments.
+MODEL_META_KEYS = ("name", "init")
+
+
+def build_model(model_cfg: DictConfig, *, init_seed: int | None = None) -> nn.Module:
+    """Instantiate the model config (``name`` and ``init`` are not passed on to the constructor).
+
+    Args:
+        init_seed: for a model trained from scratch, the run's seed: the weights are then initialised as
+            ``model.init`` says (:func:`lit_sharp.models.init.initialise`), from a generator of their own seeded by
+            it, so the initialisation moves no other random stream. None (a resumed or evaluated model, whose
+            weights come from a checkpoint) keeps the constructors' weights.
+    """
+    kwargs = {key: value for key, value in model_cfg.items() if key not in MODEL_META_KEYS}
+    model = hydra.utils.instantiate(kwargs)
+    if init_seed is not None:
+        generator = torch.Generator().manual_seed(derived_seed(INIT_STREAM, init_seed))
+        initialise(model, str(model_cfg.init), generator)
+    return model
 
 
 def build_named_callbacks(cfg: DictConfig) -> dict[str, Callback]:

@@ -3,13 +3,15 @@
 One run: a user error (bad config, missing data, a run folder holding another configuration) prints one line and
 exits 2; a bug keeps its traceback. A grid (``-m``): no run stops the others. Each job that fails or is refused
 writes its reason into its run's ``results.json`` and into ``outcome.json`` in its Hydra job folder, and ends
-normally; when the grid is done, :class:`GridReport` prints one line counting the failures and the command exits 1.
-This holds on every launcher, since the outcome files are read from the sweep folder, wherever the jobs ran.
+normally; when the grid is done, :class:`GridReport` prints one line counting the runs that did not finish, then one
+line per such run with why, and the command exits 1. A run that another live process holds (its lock) did not
+finish either. A job killed outright (out of memory, a node failure, ``scancel``, a signal) writes nothing itself:
+the project's launchers (:mod:`lit_sharp.launchers`) write its outcome for it. This holds on every launcher, since
+the outcome files are read from the sweep folder, wherever the jobs ran.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,8 +25,8 @@ from omegaconf import DictConfig
 
 from lit_sharp.config import CONFIG_DIR
 from lit_sharp.errors import UserError
+from lit_sharp.outcomes import failure_line, read_outcomes, run_name_of, unfinished_lines, write_outcome
 
-OUTCOME_FILE = "outcome.json"
 log = logging.getLogger(__name__)
 
 
@@ -41,48 +43,22 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {exc}", file=sys.stderr)
         if not in_grid:
             sys.exit(2)
-        _write_outcome("refused", str(exc))
+        _write_outcome("refused", str(exc), run_name_of(cfg))
         return
     except Exception as exc:
         if not in_grid:
             raise
         log.exception("run failed")  # the traceback goes to the job's log; the grid goes on
-        _write_outcome("failed", f"{type(exc).__name__}: {exc}")
+        _write_outcome("failed", f"{type(exc).__name__}: {exc}", run_name_of(cfg))
         return
     if in_grid:
         run_info = record.get("run", {})
-        _write_outcome(str(run_info.get("status")), run_info.get("error"))
+        _write_outcome(str(run_info.get("status")), run_info.get("error"), run_info.get("name"))
 
 
-def _write_outcome(status: str, error: str | None) -> None:
+def _write_outcome(status: str, error: str | None, run_name: str | None) -> None:
     hydra_cfg = HydraConfig.get()
-    outcome = {"status": status, "error": error, "overrides": list(hydra_cfg.overrides.task)}
-    path = Path(hydra_cfg.runtime.output_dir) / OUTCOME_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(outcome, indent=2))
-
-
-def read_outcomes(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The outcome of every job of a grid launch (its sweep folder)."""
-    outcomes = []
-    for path in sorted(Path(sweep_dir).glob(f"*/{OUTCOME_FILE}")):
-        try:
-            outcomes.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            outcomes.append({"status": "failed", "error": f"unreadable {path}"})
-    return outcomes
-
-
-def failure_line(outcomes: list[dict[str, Any]], n_jobs: int) -> str | None:
-    """One line counting the failed, refused and unreported jobs of a grid launch, or None when all went well."""
-    failed = sum(outcome["status"] == "failed" for outcome in outcomes)
-    refused = sum(outcome["status"] == "refused" for outcome in outcomes)
-    silent = max(n_jobs - len(outcomes), 0)
-    if failed + refused + silent == 0:
-        return None
-    parts = [f"{failed} failed"] + ([f"{refused} refused"] if refused else []) + \
-        ([f"{silent} ended without an outcome"] if silent else [])
-    return f"error: {failed + refused + silent} of {n_jobs} runs did not finish ({', '.join(parts)})"
+    write_outcome(Path(hydra_cfg.runtime.output_dir), status, error, run_name, list(hydra_cfg.overrides.task))
 
 
 def status_command(config: DictConfig) -> str:
@@ -94,14 +70,21 @@ def status_command(config: DictConfig) -> str:
 
 
 class GridReport(Callback):
-    """At the end of a grid, one line counting the runs that failed or were refused, and exit status 1 if any."""
+    """At the end of a grid, one line counting the runs that did not finish, one line naming each with why, and exit
+    status 1 if any."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from lit_sharp.launchers import register
+
+        register()  # before Hydra instantiates the launcher
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         n_jobs = sum(1 for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()) \
             if sweep_dir.is_dir() else 0
-        line = failure_line(read_outcomes(sweep_dir), n_jobs)
+        outcomes = read_outcomes(sweep_dir)
+        line = failure_line(outcomes, n_jobs)
         if line is None:
             return
-        print(f"{line}; see {status_command(config)}", file=sys.stderr)
+        print("\n".join([f"{line}; see {status_command(config)}", *unfinished_lines(outcomes)]), file=sys.stderr)
         sys.exit(1)  # SystemExit passes through Hydra's callback and error handling

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,22 @@ from omegaconf import DictConfig, OmegaConf
 from lit_sharp.constants import RANDAUGMENTS
 from lit_sharp.errors import ConfigError
 from lit_sharp.locks import default_lock_dir
+from lit_sharp.models.init import INITS
 from lit_sharp.models.vit import VARIANTS as SIMPLEVIT_VARIANTS
 
-#: The Hydra configs of the study (package data): ``train.yaml`` and its groups.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+def _config_dir() -> Path:
+    # An install holds the configs inside the package (pyproject.toml maps configs/ to lit_sharp/configs); a checkout,
+    # imported from its folder, through PYTHONPATH or by an editable install (which points at the checkout's
+    # lit_sharp/), keeps them in configs/ beside the package. Hydra needs a real directory: both are.
+    package = Path(__file__).resolve().parent
+    inside = package / "configs"
+    return inside if (inside / "train.yaml").is_file() else package.parent / "configs"
+
+
+#: The Hydra configs of the study: ``train.yaml`` and its groups (``configs/`` of the repository, ``lit_sharp/configs``
+#: of an install).
+CONFIG_DIR = _config_dir()
 MODELS = ("resnet18", "simplevit")
 MODES = ("train", "eval", "zoo")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
@@ -25,6 +38,15 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
 GPU_CHECK_FINITE_EVERY = 25
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _launch_id() -> str:
+    # Makes each launch's sweep folder its own, even for two launches in one second. Hydra hands the master config's
+    # resolver cache to every job's config, so all the jobs of one launch resolve the same folder.
+    return secrets.token_hex(3)
+
+
+OmegaConf.register_new_resolver("lit_sharp.launch_id", _launch_id, use_cache=True, replace=True)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -35,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
     """
     _one_of(cfg, "mode", MODES)
     _one_of(cfg, "model.name", MODELS)
+    _one_of(cfg, "model.init", INITS)
     if cfg.model.name == "simplevit":
         _one_of(cfg, "model.variant", SIMPLEVIT_VARIANTS)
     _number(cfg, "module.lr", low=0.0, low_open=True)

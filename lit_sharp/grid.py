@@ -3,7 +3,7 @@
 ``python -m lit_sharp.grid sync GRID [overrides...]`` uploads the grid's offline W&B runs (run it where there is
 internet, e.g. a cluster's login node).
 
-A grid is a ``lit_sharp/configs/grid/<name>.yaml`` whose ``hydra.sweeper.params`` Hydra's basic sweeper expands into runs.
+A grid is a ``configs/grid/<name>.yaml`` whose ``hydra.sweeper.params`` Hydra's basic sweeper expands into runs.
 The same expansion here gives every run's folder, and each folder's state says where the run stands:
 
 - ``completed`` / ``diverged``: its ``results.json`` says so;
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("status", help="count the runs of a grid by state")
     sync = sub.add_parser("sync", help="upload the grid's offline W&B runs (needs internet and a W&B login)")
     for each in (show, sync):
-        each.add_argument("grid", help="a name in lit_sharp/configs/grid/, e.g. paper_resnet18")
+        each.add_argument("grid", help="a name in configs/grid/, e.g. paper_resnet18")
         each.add_argument("overrides", nargs="*",
                           help="the overrides the grid was launched with, e.g. paths.root=/scratch/runs")
     show.add_argument("--list", action="store_true", help="also print every run folder that is not completed, "

@@ -9,7 +9,13 @@ Some shared file systems (some NFS and Lustre mounts) refuse ``flock``. There, o
 owner file alone is the lock, created with ``O_EXCL``. A lock left by a dead process is taken over: on the same host
 when its pid no longer exists, from another host when its heartbeat is older than :data:`STALE_SECONDS` (a process
 that is alive but frozen that long on another host loses its lock; that host's clock is not consulted, only the file's
-modification time as the file server stamps it).
+modification time as the file server stamps it). Only one process may remove a stale owner file: the one that creates
+``<name>.owner.takeover`` (``O_EXCL``), and only if the owner file still names the owner it judged stale, so two
+processes taking over at once never both end up holding the lock.
+
+A kernel lock can outlive its owner's pid: a process forked by the owner (a DataLoader worker) shares the lock until
+it notices its parent is gone, within seconds. A run folder's lock whose owner is gone but that is still held is
+retried for :data:`ORPHAN_WAIT_SECONDS` before the caller is told it is busy.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0
+ORPHAN_WAIT_SECONDS = 30.0
+#: A takeover file older than this was left by a process that died while taking over (it takes milliseconds).
+TAKEOVER_STALE_SECONDS = 60.0
 MODES = ("auto", "flock", "file")
 #: errno values of a file system that has no working flock.
 _NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
@@ -45,8 +54,15 @@ class LockBusy(Exception):
     def __init__(self, path: Path, owner: dict[str, Any]) -> None:
         self.path = path
         self.owner = owner
-        where = f" by pid {owner.get('pid')} on {owner.get('host')}" if owner else ""
-        super().__init__(f"{path} is held{where}")
+        super().__init__(f"{path} is held by {self.holder}")
+
+    @property
+    def holder(self) -> str:
+        """``host:pid`` of the owner, with a note when that process is gone but the lock is still held."""
+        if not self.owner:
+            return "an unknown process"
+        holder = f"{self.owner.get('host')}:{self.owner.get('pid')}"
+        return holder if owner_alive(self.owner) else f"{holder} (gone; a process it started still holds the lock)"
 
 
 def default_lock_dir() -> Path:
@@ -92,7 +108,7 @@ def is_held(lock: Path, stale_seconds: float = STALE_SECONDS) -> bool:
 
 @contextmanager
 def hold(lock: Path, *, mode: str = "auto", wait: float | None = 0, poll_seconds: float = 1.0,
-         stale_seconds: float = STALE_SECONDS, on_wait: str | None = None) -> Iterator[None]:
+         stale_seconds: float = STALE_SECONDS, on_wait: str | None = None, orphan_wait: float = 0.0) -> Iterator[None]:
     """Hold ``lock`` for the block.
 
     Args:
@@ -103,6 +119,8 @@ def hold(lock: Path, *, mode: str = "auto", wait: float | None = 0, poll_seconds
         poll_seconds: how often a waiting caller retries.
         stale_seconds: see :func:`owner_alive`.
         on_wait: logged once when the lock is found held and the caller waits.
+        orphan_wait: seconds to wait at least for a lock that is still held after its owner died (e.g.
+            :data:`ORPHAN_WAIT_SECONDS`; see the module docstring).
 
     Raises:
         LockBusy: the lock is still held after ``wait`` seconds.
@@ -110,14 +128,16 @@ def hold(lock: Path, *, mode: str = "auto", wait: float | None = 0, poll_seconds
     """
     if mode not in MODES:
         raise ValueError(f"lock mode must be one of {MODES}, got {mode!r}")
-    deadline = None if wait is None else time.monotonic() + wait
+    started = time.monotonic()
     logged = False
     while True:
         try:
             release = _try_acquire(lock, mode, stale_seconds)
             break
-        except LockBusy:
-            if deadline is not None and time.monotonic() >= deadline:
+        except LockBusy as busy:
+            orphaned = bool(busy.owner) and not owner_alive(busy.owner, stale_seconds)
+            patience = orphan_wait if orphaned else 0.0
+            if wait is not None and time.monotonic() - started >= max(wait, patience):
                 raise
             if on_wait and not logged:
                 log.info(on_wait)
@@ -165,20 +185,44 @@ def _try_acquire(lock: Path, mode: str, stale_seconds: float):
 
 def _acquire_owner_file(lock: Path, stale_seconds: float) -> None:
     path = owner_path(lock)
-    for _ in range(2):
+    for _ in range(3):
         try:
             _write_owner(path, exclusive=True)
             return
         except FileExistsError:
             owner = read_owner(lock)
-            if owner_alive(owner, stale_seconds) or not path.exists():
-                if not owner and path.exists() and time.time() - path.stat().st_mtime > 5:
-                    path.unlink(missing_ok=True)  # an owner file that stays unreadable: a writer died mid-write
-                    continue
+            if not owner:
+                try:
+                    if time.time() - path.stat().st_mtime <= 5:
+                        raise LockBusy(lock, owner) from None  # being written now
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                owner = {"token": None}  # stays unreadable: its writer died mid-write
+            elif owner_alive(owner, stale_seconds):
                 raise LockBusy(lock, owner) from None
-            log.warning("taking over %s: its owner (pid %s on %s) is gone", lock, owner.get("pid"), owner.get("host"))
-            path.unlink(missing_ok=True)
+            _take_over(lock, owner)
     raise LockBusy(lock, read_owner(lock))
+
+
+def _take_over(lock: Path, stale: dict[str, Any]) -> None:
+    """Remove the owner file of ``lock`` if it still names the ``stale`` owner; one process at a time does this."""
+    takeover = owner_path(lock).with_name(owner_path(lock).name + ".takeover")
+    try:
+        fd = os.open(takeover, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            if time.time() - takeover.stat().st_mtime > TAKEOVER_STALE_SECONDS:
+                takeover.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise LockBusy(lock, stale) from None
+    os.close(fd)
+    try:
+        if read_owner(lock).get("token") == stale.get("token"):
+            log.warning("taking over %s: its owner (pid %s on %s) is gone", lock, stale.get("pid"), stale.get("host"))
+            owner_path(lock).unlink(missing_ok=True)
+    finally:
+        takeover.unlink(missing_ok=True)
 
 
 def _write_owner(path: Path, *, exclusive: bool) -> None:

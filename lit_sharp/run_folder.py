@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from lit_sharp.config import lock_mode, to_plain
 from lit_sharp.errors import ConfigError, UserError
-from lit_sharp.locks import hold
+from lit_sharp.locks import ORPHAN_WAIT_SECONDS, hold
 from lit_sharp.results import RESULTS_FILE, flatten, make_record, run_status, write_results
 from lit_sharp.tracking import WANDB_ID_FILE
 
@@ -29,6 +29,8 @@ IDENTITY_PREFIXES = ("model.", "module.", "data.augment", "data.randaugment", "d
                      "trainer.max_epochs", "trainer.max_steps", "trainer.precision", "seed")
 #: ... except these, which change speed only.
 SPEED_ONLY_KEYS = ("module.check_finite_every", "module.channels_last", "module.compile")
+#: Identity keys added after runs were recorded without them, with the value those runs used.
+RECORDED_BEFORE = {"model.init": "torch"}
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 FINAL_STATUSES = ("completed", "diverged")
@@ -79,7 +81,7 @@ def source_run_dir(ckpt: Path) -> Path | None:
 @contextmanager
 def run_lock(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock (see :func:`lit_sharp.locks.hold`); :class:`~lit_sharp.locks.LockBusy` if taken."""
-    with hold(run_dir / RUN_LOCK, mode=lock_mode(cfg)):
+    with hold(run_dir / RUN_LOCK, mode=lock_mode(cfg), orphan_wait=ORPHAN_WAIT_SECONDS):
         yield
 
 
@@ -107,7 +109,8 @@ def claim_identity(cfg: DictConfig, run_dir: Path, prefixes: tuple[str, ...] = I
     if not path.is_file():
         path.write_text(json.dumps(mine, indent=2, default=str))
         return
-    theirs = json.loads(path.read_text())
+    # Only keys of this identity: a zoo run's identity has no model.* keys to fill in.
+    theirs = {**{key: value for key, value in RECORDED_BEFORE.items() if key in mine}, **json.loads(path.read_text())}
     changed = [f"{key}: {theirs.get(key)!r} -> {mine.get(key)!r}" for key in sorted(set(mine) | set(theirs))
                if json.dumps(mine.get(key), default=str) != json.dumps(theirs.get(key), default=str)]
     if changed:

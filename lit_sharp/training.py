@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from lit_sharp.assembly import build_datamodule, build_model, build_named_callbacks, build_trainer
 from lit_sharp.callbacks.metric_logging import log_final_metrics
-from lit_sharp.callbacks.run_clock import RunClock
+from lit_sharp.callbacks.run_clock import ATTEMPTS_FILE, RunClock
 from lit_sharp.config import lock_dir, lock_mode, to_plain
 from lit_sharp.console import run_summary
 from lit_sharp.errors import UserError
@@ -49,7 +49,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         The run's ``results.json`` record. When another process holds the run folder's lock (two launches of one
-        grid), nothing is trained and the record is ``{"run": {"name": ..., "status": "running"}}``.
+        grid), nothing is trained and the record is ``{"run": {"name": ..., "status": "running", "error": "held by
+        host:pid"}}``.
 
     Raises:
         UserError: a bad config or missing data (also written into the run's ``results.json``).
@@ -70,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 raise
     except LockBusy as busy:
         log.warning("skipping %s: another process is training it (%s)", run_dir, busy)
-        return {"run": {"name": run_dir.name, "status": "running"}}
+        return {"run": {"name": run_dir.name, "status": "running", "error": f"held by {busy.holder}"}}
 
 
 @contextmanager
@@ -93,14 +94,16 @@ def _fit_and_measure(cfg: DictConfig, run_dir: Path, devices: list[int] | None) 
     name = run_dir.name
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
-    module = hydra.utils.instantiate(cfg.module, model=build_model(cfg.model))
+    last = last_checkpoint(run_dir)
+    # A resumed run takes its weights from the checkpoint: initialised once, when the run started.
+    model = build_model(cfg.model, init_seed=None if last.is_file() else int(cfg.seed))
+    module = hydra.utils.instantiate(cfg.module, model=model)
     measures, callbacks = split_measures(build_named_callbacks(cfg))
     loggers = build_loggers(cfg, run_dir, name, tags=run_tags(hparams, cfg))
     log_config(loggers, cfg, hparams)
-    clock = RunClock()
+    clock = RunClock(run_dir / ATTEMPTS_FILE)
     checks = MeasurementChecks(list(measures.values()))
     trainer = build_trainer(cfg, run_dir, loggers, [clock, checks, *callbacks], devices)
-    last = last_checkpoint(run_dir)
     if last.is_file():
         log.info("resuming %s from %s", name, last)
     status, error = "completed", None
@@ -113,15 +116,15 @@ def _fit_and_measure(cfg: DictConfig, run_dir: Path, devices: list[int] | None) 
         finish_wandb(loggers, {"run/status": "failed"}, exit_code=1)
         raise
     except Exception as exc:
-        _record(cfg, run_dir, loggers, "failed", clock.seconds, {}, f"{type(exc).__name__}: {exc}")
+        _record(cfg, run_dir, loggers, "failed", clock.record(), {}, f"{type(exc).__name__}: {exc}")
         raise
     if status == "completed" and trainer.state.status.value != "finished":
         raise RuntimeError(f"training of {name} ended in state {trainer.state.status.value}; no results written")
     if status == "diverged":
-        return _record(cfg, run_dir, loggers, status, clock.seconds, {}, error)
+        return _record(cfg, run_dir, loggers, status, clock.record(), {}, error)
     metrics, measured = _measure(cfg, run_dir, trainer, module, datamodule, measures, loggers, clock,
                                  reuse=checks.steps_trained == 0)
-    return _record(cfg, run_dir, loggers, "completed", clock.seconds, metrics, None, measured=measured)
+    return _record(cfg, run_dir, loggers, "completed", clock.record(), metrics, None, measured=measured)
 
 
 def _measure(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any,
@@ -149,14 +152,14 @@ def _measure(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer, module: pl.Lig
     for key, callback in measures.items():
         if key in measured:
             continue
-        _record(cfg, run_dir, [], "failed", clock.seconds, metrics, f"stopped while measuring {key}",
+        _record(cfg, run_dir, [], "failed", clock.record(), metrics, f"stopped while measuring {key}",
                 measured=measured, measuring=key, announce=False)
         try:
             results = (measured_at(callback, trainer.global_step)
                        or callback.measure(module, datamodule, progress=trainer.is_global_zero))
         except Exception as exc:
             error = f"measurement {key} failed: {type(exc).__name__}: {exc}"
-            _record(cfg, run_dir, loggers, "failed", clock.seconds, metrics, error, measured=measured, measuring=key)
+            _record(cfg, run_dir, loggers, "failed", clock.record(), metrics, error, measured=measured, measuring=key)
             exc.recorded = True  # type: ignore[attr-defined] - the record names the measurement; keep it
             raise
         metrics.update(results)

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "lit_sharp" / "configs"
+CONFIGS = REPO / "configs"
 sys.path.insert(0, str(Path(__file__).parent))  # test utilities such as wandb_offline
 
 os.environ["WANDB_MODE"] = "offline"

@@ -1,6 +1,7 @@
 """Grids: expansion, the local and submitit launchers, relaunch without repeats, locks, resume after a kill."""
 
 import itertools
+import re
 import multiprocessing as mp
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import CONFIGS, REPO, compose_config, subprocess_env, tiny_run_overrides
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
@@ -20,6 +22,7 @@ from omegaconf import OmegaConf
 from wandb_offline import offline_runs
 
 import lit_sharp.grid
+from lit_sharp.callbacks.run_clock import ATTEMPTS_FILE, read_attempts
 from lit_sharp.analysis import main as analysis_main
 from lit_sharp.gpu_slots import gpu_slot
 from lit_sharp.grid import expand, main as grid_main, status, sweep_combos
@@ -183,7 +186,7 @@ def test_smoke_grid_on_the_local_launcher_then_relaunch_creates_nothing(syntheti
 
 def test_smoke_grid_on_submitit_local(synthetic_root, tmp_path):
     runs = tmp_path / "runs"
-    run_cli(smoke_command(synthetic_root, runs, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30"))
+    run_cli(smoke_command(synthetic_root, runs, "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=30"))
     records = [read_results(d) for d in smoke_run_dirs(runs)]
     assert len(records) == 4 and all(r["run"]["status"] == "completed" for r in records)
 
@@ -223,14 +226,21 @@ def test_a_killed_run_resumes_on_relaunch(synthetic_root, tmp_path):
     output = (tmp_path / "first_attempt.log").open("w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
                                start_new_session=True)
+    attempts = run_dir_of(cfg) / ATTEMPTS_FILE
     deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # Kill once the attempt has recorded its seconds after its last checkpoint: time that checkpoint does not hold.
+    while not (checkpoint.exists() and _recorded_since(attempts, checkpoint)) and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     output.close()
     log = (tmp_path / "first_attempt.log").read_text()[-3000:]
     assert checkpoint.exists(), log
+    (first_seconds,) = read_attempts(attempts).values()
+    (clock_state,) = [v for k, v in torch.load(checkpoint, weights_only=False)["callbacks"].items()
+                      if k.startswith("RunClock")]
+    assert first_seconds > clock_state["seconds"]  # the killed attempt worked on after its last checkpoint
     assert not (run_dir_of(cfg) / "results.json").exists(), log
     from lit_sharp.grid import run_state
 
@@ -242,6 +252,18 @@ def test_a_killed_run_resumes_on_relaunch(synthetic_root, tmp_path):
     assert record["run"]["status"] == "completed"
     assert record["run"]["wandb_id"] == wandb_id  # the same W&B run continues
     assert "resuming" in result.stderr + result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    # seconds = both attempts' time, the killed one's after its last checkpoint included
+    by_attempt = read_attempts(attempts)
+    assert len(by_attempt) == 2 and first_seconds in by_attempt.values()
+    assert record["run"]["seconds"] == pytest.approx(sum(by_attempt.values()))
+
+
+def _recorded_since(attempts, checkpoint):
+    """Whether the attempts file was written after the checkpoint (a time-based record, not the checkpoint's own)."""
+    try:
+        return attempts.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns + 200_000_000
+    except FileNotFoundError:
+        return False
 
 
 def _take_slot(lock_dir, queue, release):
@@ -291,3 +313,18 @@ def test_progress_line_counts_and_eta_from_completed_runs(tmp_path):
     assert progress_line(by_state) == ("progress: 2/10 completed (20%), 2 running, 1 failed, "
                                        "ETA 20 min (8 runs x 5 min / 2)")
     assert progress_line({**by_state, "completed": []}).endswith("ETA unknown (no completed run yet)")
+
+
+def test_each_launch_gets_its_own_sweep_folder():
+    from hydra.core.utils import setup_globals
+
+    setup_globals()  # Hydra's ${now:...}, as a launch has it
+    folders = []
+    for _ in range(2):  # two launches within the same second
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["grid=smoke"], return_hydra_config=True)
+        folder = cfg.hydra.sweep.dir
+        assert folder == cfg.hydra.sweep.dir  # one launch resolves one folder, for all of its jobs
+        folders.append(folder)
+    assert folders[0] != folders[1]
+    assert all(re.fullmatch(r".*/smoke/_hydra/multirun_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", f) for f in folders)

@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_sharp.models import preact_resnet18
 from lit_sharp.module import ClassifierModule
-from lit_sharp.train import run
+from lit_sharp.run_folder import CHECKPOINT_DIR
+from lit_sharp.train import run, run_dir_of
 
 
 def one_step(module, x, y):
@@ -74,19 +75,43 @@ def test_options_for_a_callback_that_is_not_configured_are_refused(synthetic_roo
         run(cfg)
 
 
+#: The paper's recipe (docs/protocol.md section 2) and each experiment's peak learning rate.
+PAPER_RECIPE = {"trainer.max_epochs": 200, "data.batch_size": 128, "data.synthetic": False, "data.augment": False,
+                "data.randaugment": "paper", "module.momentum": 0.9, "module.weight_decay": 5e-4,
+                "module.warmup_fraction": 0.4, "module.sam_rho": 0.0, "module.mixup_alpha": 0.0,
+                "trainer.precision": "bf16-mixed"}
+PAPER_MODELS = {"paper_resnet18": ({"module.lr": 0.1, "model.name": "resnet18", "model.width": 64}, 11_172_170),
+                "paper_simplevit": ({"module.lr": 0.03125, "model.name": "simplevit", "model.variant": "paper",
+                                     "model.dim": 512, "model.depth": 6}, 18_927_114)}
+#: Shrinks the model for the training step only; the rest of the experiment runs as composed.
+SMALL_MODEL = {"paper_resnet18": ["model.width=4", "+model.blocks_per_stage=1"],
+               "paper_simplevit": ["model.dim=16", "model.depth=1", "model.heads=2", "model.mlp_dim=16",
+                                   "model.dim_head=8"]}
+
+
 @pytest.mark.parametrize("experiment", ["paper_resnet18", "paper_simplevit"])
-def test_paper_experiments_compose_and_start(synthetic_root, tmp_path, experiment):
+def test_paper_experiments_compose_the_paper_recipe_and_model_and_start(synthetic_root, tmp_path, experiment):
+    from omegaconf import OmegaConf
+
+    from lit_sharp.assembly import build_model
+
     recipe = compose_config(f"experiment={experiment}")
-    assert (recipe.trainer.max_epochs, recipe.data.batch_size, recipe.data.synthetic) == (200, 128, False)
-    # The paper-size model for two small SAM steps with mixup and augmentation (batch 16 keeps it quick on a CPU).
-    cfg = compose_config(f"experiment={experiment}", "data=synthetic", f"data.root={synthetic_root}",
-                         f"paths.root={tmp_path}", "trainer.max_steps=2", "callbacks=none", "logger=none",
-                         "trainer.enable_progress_bar=false", "module.sam_rho=0.05", "module.mixup_alpha=0.5",
-                         "data.augment=true", "data.batch_size=16")
+    expected, n_params = {**PAPER_RECIPE, **PAPER_MODELS[experiment][0]}, PAPER_MODELS[experiment][1]
+    assert {key: OmegaConf.select(recipe, key) for key in expected} == expected
+    # The full-size model as the run builds it (test_models derives these counts from the architectures).
+    assert sum(p.numel() for p in build_model(recipe.model).parameters()) == n_params
+    # Two SAM steps with mixup and augmentation through the real path, the model shrunk (a CPU would take minutes
+    # at full size).
+    cfg = compose_config(f"experiment={experiment}", *SMALL_MODEL[experiment], "data=synthetic",
+                         f"data.root={synthetic_root}", f"paths.root={tmp_path}", "trainer.max_steps=2",
+                         "callbacks=none", "logger=none", "trainer.enable_progress_bar=false", "module.sam_rho=0.05",
+                         "module.mixup_alpha=0.5", "data.augment=true", "data.batch_size=16")
     record = run(cfg)
     assert record["run"]["status"] == "completed"
     assert record["hparams"]["model"] == experiment.removeprefix("paper_")
-    assert record["config"]["model.width" if experiment == "paper_resnet18" else "model.dim"] in (64, 512)
+    assert record["config"]["trainer.precision"] == "bf16-mixed" and record["config"]["module.sam_rho"] == 0.05
+    checkpoint = torch.load(run_dir_of(cfg) / CHECKPOINT_DIR / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
 
 
 def test_auto_settings_resolve_to_the_cpu_path_here_and_the_gpu_path_on_cuda(monkeypatch):

@@ -1,14 +1,17 @@
 """The training step never waits for the host: host reads happen only at the NaN check and at the logger flush."""
 
 import csv
+import sys
 
-import host_reads
 import pytest
-from conftest import compose_config, tiny_run_overrides
+from conftest import REPO, compose_config, tiny_run_overrides
 
 from lit_sharp.data.synthetic import write_synthetic
 from lit_sharp.progress import SHOWN
 from lit_sharp.train import run, run_dir_of
+
+sys.path.insert(0, str(REPO / "bench"))  # the host-read counter, shared with the GPU check's CPU dry run
+import host_reads  # noqa: E402
 
 #: What the module logs every step; Lightning reads each back once when it flushes the loggers.
 STEP_METRICS = ("train/loss_step", "train/err_step", "train/lr")

@@ -1,7 +1,8 @@
 """Kendall's tau between sharpness and error: plain, per subgroup, granulated (Jiang et al. 2020), with bootstrap CIs.
 
 :func:`correlations` gives the rows of ``correlations.csv``: per architecture, measure and target, the tau over all
-kept runs, within each ``augment x mixup`` subgroup and granulated over the grid's hyperparameter axes.
+kept runs, within each ``augment x mixup`` subgroup and granulated over the grid's hyperparameter axes; per zoo, the
+tau over its kept models against each evaluation set's error and the generalization gap (the paper's Table 1).
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ from typing import Any
 import numpy as np
 from scipy.stats import kendalltau
 
-from lit_sharp.analysis.measures import SHARPNESS_PREFIX, measures_in
+from lit_sharp.analysis.measures import SHARPNESS_PREFIX, measures_in, table1_sort_key
 from lit_sharp.analysis.records import (
     C10C_ERR,
+    DEFAULT_MAX_TEST_ERR,
     DEFAULT_MAX_TRAIN_ERR,
     TEST_ERR,
     Record,
     by_model,
     completed,
+    is_zoo_record,
     metric,
+    split_by_test_err,
     split_by_train_err,
     subgroup_sort_key,
 )
+from lit_sharp.analysis.zoo import target_value, zoo_targets
 from lit_sharp.results import mixup_on, subgroup_of
 
 #: Target name in ``correlations.csv`` -> metric key in ``results.json``.
@@ -71,11 +76,14 @@ def kendall_tau(x: Sequence[float], y: Sequence[float], *, min_n: int = 3) -> fl
 
 
 def paired_values(records: Iterable[Record], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
-    """The values of metrics ``x_key`` and ``y_key`` over the runs that have both (a run lacking one is left out)."""
+    """The values of metrics ``x_key`` and ``y_key`` over the runs that have both (a run lacking one is left out).
+
+    A key may also be ``gen_gap``, the generalization gap of :func:`lit_sharp.analysis.zoo.generalization_gap`.
+    """
     xs: list[float] = []
     ys: list[float] = []
     for record in records:
-        x, y = metric(record, x_key), metric(record, y_key)
+        x, y = target_value(record, x_key), target_value(record, y_key)
         if x is not None and y is not None:
             xs.append(x)
             ys.append(y)
@@ -211,32 +219,39 @@ def _axis_taus(
 
 def correlations(
     records: Iterable[Record], max_train_err: float = DEFAULT_MAX_TRAIN_ERR, *, bootstrap: int = DEFAULT_BOOTSTRAP,
-    seed: int = 0,
+    seed: int = 0, max_test_err: float = DEFAULT_MAX_TEST_ERR,
 ) -> list[dict[str, Any]]:
-    """Kendall's tau of every sharpness measure against test and CIFAR-10-C error, per architecture.
+    """Kendall's tau of every sharpness measure against test and CIFAR-10-C error, per architecture; per zoo, against
+    each evaluation set's error and the generalization gap.
 
     Only completed runs with ``final/train_err <= max_train_err`` enter. Per model, measure and target there is one
     row over all kept runs (``subgroup="all"``), one per ``augment x mixup`` subgroup present among the model's
     completed runs, one per granulated axis (``granulated:<axis>``) and their mean (``granulated:mean``); see
-    :func:`granulated_tau`. The ``all`` and subgroup rows carry a 95% percentile bootstrap interval
-    (:func:`bootstrap_ci`), seeded per row from ``seed`` and the row's names, so a row's interval does not depend on
-    which other measures or runs the grid holds.
+    :func:`granulated_tau`. A zoo (records with ``hparams.zoo``, grouped by zoo) has only ``all`` rows, over the models
+    with ``imagenet/err <= max_test_err``, one per measure and target of :func:`lit_sharp.analysis.zoo.zoo_targets`
+    (``<set>_err`` per evaluation set present, ``gen_gap``). The ``all`` and subgroup rows carry a 95% percentile
+    bootstrap interval (:func:`bootstrap_ci`), seeded per row from ``seed`` and the row's names, so a row's interval
+    does not depend on which other measures or runs the grid holds.
 
     Args:
         records: run records, e.g. from :func:`load_runs`.
-        max_train_err: the largest clean training error (a fraction) of a kept run.
+        max_train_err: the largest clean training error (a fraction) of a kept CIFAR-10 run.
         bootstrap: resamples per interval; 0 leaves the intervals out.
         seed: seeds the resampling.
+        max_test_err: the largest ImageNet error (a fraction) of a kept zoo model.
 
     Returns:
         Rows with the keys ``model, measure, target, subgroup, tau, n, ci_low, ci_high`` (``tau`` None where
         undefined; ``ci_low``/``ci_high`` None where there is no interval, and on granulated rows).
 
     Raises:
-        ValueError: ``max_train_err`` is not in [0, 1].
+        ValueError: ``max_train_err`` or ``max_test_err`` is not in [0, 1].
     """
     rows: list[dict[str, Any]] = []
     for model, model_records in by_model(completed(records)).items():
+        if any(is_zoo_record(record) for record in model_records):
+            rows += _zoo_rows(model, model_records, max_test_err, bootstrap, seed)
+            continue
         kept, _ = split_by_train_err(model_records, max_train_err)
         subgroups = sorted({subgroup_of(record["hparams"]) for record in model_records}, key=subgroup_sort_key)
         for measure in measures_in(model_records):
@@ -250,6 +265,22 @@ def correlations(
                      "ci_high": intervals.get(subgroup, (None, None))[1]}
                     for subgroup, (tau, n) in cells.items()
                 ]
+    return rows
+
+
+def _zoo_rows(
+    zoo: str, records: Sequence[Record], max_test_err: float, bootstrap: int, seed: int
+) -> list[dict[str, Any]]:
+    kept, _ = split_by_test_err(records, max_test_err)
+    rows = []
+    for measure in measures_in(records, table1_sort_key):
+        for target, target_key in zoo_targets(records).items():
+            xs, ys = paired_values(kept, SHARPNESS_PREFIX + measure, target_key)
+            intervals = _interval_cells(kept, SHARPNESS_PREFIX + measure, target_key, (), bootstrap,
+                                        (seed, zoo, measure, target))
+            low, high = intervals.get("all", (None, None))
+            rows.append({"model": zoo, "measure": measure, "target": target, "subgroup": "all",
+                         "tau": kendall_tau(xs, ys), "n": len(xs), "ci_low": low, "ci_high": high})
     return rows
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lit_sharp.analysis.measures import parse_measure
 from lit_sharp.analysis.records import Record
+from lit_sharp.analysis.zoo import target_label
 
 CSV_COLUMNS = ("model", "measure", "target", "subgroup", "tau", "n", "ci_low", "ci_high")
 
@@ -73,13 +74,17 @@ def _csv_cell(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def write_tables_md(rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, str], path: Path | str) -> Path:
-    """Write the Markdown tables: per model, the layout of the paper's Tables 3 and 4, then subgroups and granulated.
+def write_tables_md(
+    rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, str], path: Path | str, zoos: Collection[str] = ()
+) -> Path:
+    """Write the Markdown tables: per model, the layout of the paper's Tables 3 and 4, then subgroups and granulated;
+    per zoo, the layout of the paper's Table 1 (one column per evaluation set present, and the generalization gap).
 
     Args:
         rows: rows from :func:`correlations`.
         summaries: model -> one sentence on which runs were kept.
         path: the file to write.
+        zoos: the model keys that are zoos.
 
     Returns:
         ``path``.
@@ -92,6 +97,10 @@ def write_tables_md(rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, s
         measures = list(dict.fromkeys(row["measure"] for row in model_rows))
         groups = list(dict.fromkeys(row["subgroup"] for row in model_rows if row["subgroup"] != "all"))
         lines += [f"## {model}", "", summaries.get(model, ""), ""]
+        if model in zoos:
+            targets = list(dict.fromkeys(row["target"] for row in model_rows))
+            lines += _table1(model, measures, targets, cells) + [""]
+            continue
         lines += _paper_table(model, measures, cells) + [""]
         lines += _subgroup_table(model, measures, groups, cells) + [""]
     path = Path(path)
@@ -105,6 +114,20 @@ def _paper_table(model: str, measures: Sequence[str], cells: Mapping[tuple[str, 
         test_tau, n = cells[(model, measure, "test_err", "all")]
         c10c_tau, _ = cells[(model, measure, "c10c_err", "all")]
         lines.append(f"| {_measure_columns(measure)} | {test_tau} | {c10c_tau} | {n} |")
+    return lines
+
+
+def _table1(
+    zoo: str, measures: Sequence[str], targets: Sequence[str], cells: Mapping[tuple[str, ...], tuple[Any, int]]
+) -> list[str]:
+    header = "| Sharpness | LogitNorm | ρ | " + " | ".join(f"τ {target_label(t)} [95% CI]" for t in targets) + " | n |"
+    lines = [header, "|---|---|---|" + "---|" * (len(targets) + 1)]
+    for measure in measures:
+        taus = [cells[(zoo, measure, target, "all")] for target in targets]
+        n = max((count for _, count in taus), default=0)
+        # The n column is the most models behind any cell; a cell resting on fewer says so.
+        parts = [tau if count == n else f"{tau} (n={count})" for tau, count in taus]
+        lines.append(f"| {_measure_columns(measure)} | " + " | ".join(parts) + f" | {n} |")
     return lines
 
 

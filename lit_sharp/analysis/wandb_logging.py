@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from lit_sharp.analysis.measures import SHARPNESS_PREFIX, headline_measures
-from lit_sharp.analysis.records import C10C_ERR, TEST_ERR, Record, by_model, metric
+from lit_sharp.analysis.records import C10C_ERR, TEST_ERR, Record, by_model, is_zoo_record, metric
 from lit_sharp.analysis.tables import CSV_COLUMNS
+from lit_sharp.analysis.zoo import ENCODED_HPARAMS, target_label, target_value, zoo_family, zoo_targets
 from lit_sharp.results import subgroup_of
 
 #: Columns of the per-measure table of runs behind the W&B scatter plots.
@@ -55,6 +56,9 @@ def log_to_wandb(
     run name, subgroup, lr, sharpness, test and CIFAR-10-C error) and three interactive scatter plots on it,
     ``fig5/<model>/<measure>/test_err``, ``.../c10c_err`` and ``fig6/<model>/<measure>`` (sharpness against lr).
     The table's ``subgroup`` and ``run`` columns let a W&B panel colour by subgroup and show run names on hover.
+    For a zoo, the table ``runs/<zoo>/<measure>`` holds per model its name, the hyperparameters Figures 2 and 3
+    encode, sharpness and every target of :func:`lit_sharp.analysis.zoo.zoo_targets`, with one scatter plot per
+    target, ``zoo/<zoo>/<measure>/<target>``.
 
     Args:
         rows: rows from :func:`correlations`.
@@ -90,7 +94,8 @@ def scatter_runs(
     extra = [name.removeprefix(SHARPNESS_PREFIX) for name in requested]
     out = []
     for model, model_kept in by_model(kept).items():
-        for measure in dict.fromkeys([*headline_measures(model), *extra]):
+        zoo = any(is_zoo_record(record) for record in model_kept)
+        for measure in dict.fromkeys([*headline_measures(model, zoo=zoo), *extra]):
             runs = [record for record in model_kept if metric(record, SHARPNESS_PREFIX + measure) is not None]
             if runs:
                 out.append((model, measure, runs))
@@ -98,6 +103,8 @@ def scatter_runs(
 
 
 def _scatter_plots(wandb: Any, model: str, measure: str, runs: Sequence[Record]) -> dict[str, Any]:
+    if any(is_zoo_record(record) for record in runs):
+        return _zoo_scatter_plots(wandb, model, measure, runs)
     data = [
         [record["run"]["name"], subgroup_of(record["hparams"]), float(record["hparams"]["lr"]),
          metric(record, SHARPNESS_PREFIX + measure), metric(record, TEST_ERR), metric(record, C10C_ERR)]
@@ -113,3 +120,25 @@ def _scatter_plots(wandb: Any, model: str, measure: str, runs: Sequence[Record])
                                                    title=f"{model}: CIFAR-10-C error vs {measure}"),
         f"fig6/{key}": wandb.plot.scatter(table, "lr", "sharpness", title=f"{model}: {measure} vs learning rate"),
     }
+
+
+def zoo_scatter_columns(zoo: str, runs: Sequence[Record]) -> list[str]:
+    """Columns of a zoo's W&B table of models: ``run``, the encoded hyperparameters, ``sharpness``, the targets."""
+    return ["run", *ENCODED_HPARAMS[zoo_family(zoo)], "sharpness", *zoo_targets(runs)]
+
+
+def _zoo_scatter_plots(wandb: Any, zoo: str, measure: str, runs: Sequence[Record]) -> dict[str, Any]:
+    targets = zoo_targets(runs)
+    encoded = ENCODED_HPARAMS[zoo_family(zoo)]
+    data = [
+        [record["run"]["name"], *(record["hparams"].get(name) for name in encoded),
+         metric(record, SHARPNESS_PREFIX + measure), *(target_value(record, key) for key in targets.values())]
+        for record in runs
+    ]
+    table = wandb.Table(columns=zoo_scatter_columns(zoo, runs), data=data)
+    key = f"{zoo}/{measure}"
+    plots = {f"runs/{key}": table}
+    for target in targets:
+        plots[f"zoo/{key}/{target}"] = wandb.plot.scatter(
+            table, "sharpness", target, title=f"{zoo}: {target_label(target)} vs {measure}")
+    return plots

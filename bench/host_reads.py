@@ -1,4 +1,4 @@
-"""Counting, per training step, the ops that make a GPU host wait (test utility).
+"""Counting, per training step, the ops that make a GPU host wait (the CPU's sync check: ``gpu_check.py``, tests).
 
 On a CPU nothing waits, but the same ops run: a value read back to the host (``.item()``, ``bool(t)``, ``float(t)``:
 ``_local_scalar_dense``, ``is_nonzero``; ``torch.equal``), an output whose size depends on values (``nonzero``,
@@ -42,7 +42,9 @@ def _is_device_to_host_copy(func, args, kwargs, out) -> bool:
     return isinstance(source, torch.Tensor) and source.device.type != "cpu" and target.device.type == "cpu"
 
 
-class _HostReadCounter(TorchDispatchMode):
+class HostReadCounter(TorchDispatchMode):
+    """While active, counts the host-reading ops per ``step`` (set by the caller; None pauses the count)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.step: int | None = None
@@ -63,7 +65,7 @@ class StepHostReads(pl.Callback):
     and progress bar of that step count); the end of an epoch and any validation are not counted."""
 
     def __init__(self) -> None:
-        self.mode = _HostReadCounter()
+        self.mode = HostReadCounter()
 
     def on_train_start(self, trainer, pl_module) -> None:
         LAST.clear()
