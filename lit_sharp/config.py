@@ -32,7 +32,7 @@ def _config_dir() -> Path:
 #: of an install).
 CONFIG_DIR = _config_dir()
 MODELS = ("resnet18", "simplevit")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "zoo")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
 #: Steps between reads of the loss on a GPU, where every read is a host synchronisation.
 GPU_CHECK_FINITE_EVERY = 25

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,13 @@ HEADLINE_SHARPNESS = (
     "worst_linf_adaptive_ln_rho0.002",
     "worst_linf_adaptive_rho0.001",
     "worst_linf_adaptive_rho0.0005",
+    # The ImageNet zoos' headline (Table 1): from a random start.
+    "worst_linf_adaptive_rho0.002_random_start",
+    "worst_linf_adaptive_ln_rho0.002_random_start",
 )
 _ERRORS = (("train", "final/train_err"), ("test", "final/test_err"), ("CIFAR-10-C", "c10c/err"))
+#: Evaluation sets of a zoo model, ``<set>/err`` (:mod:`lit_sharp.zoo.eval_sets`), shown as ``<set>``.
+_SET_ERROR_SUFFIX = "/err"
 
 
 class _DropLightningTip(logging.Filter):
@@ -49,19 +54,25 @@ def quiet_library_noise() -> None:
                     logger.removeHandler(handler)
 
 
-def run_summary(record: Mapping[str, Any], run_dir: Path, wandb_location: str | None) -> str:
+def run_summary(record: Mapping[str, Any], run_dir: Path, wandb_location: str | None,
+                notes: Sequence[str] = ()) -> str:
     """A few lines on how a run ended: folder, status, seconds, errors, headline sharpness and where W&B went.
 
     Args:
         record: the run's ``results.json`` record.
         run_dir: the run folder.
         wandb_location: from :func:`lit_sharp.tracking.wandb_location`, or None without W&B.
+        notes: one line each, e.g. the evaluation sets a zoo run skipped.
     """
     run, metrics = record["run"], record.get("metrics", {})
     lines = [f"run {run['name']}: {run['status']} in {run['seconds']:.1f} s", f"  folder     {run_dir}"]
     errors = [f"{label} {_number(metrics[key])}" for label, key in _ERRORS if key in metrics]
+    known = {key for _, key in _ERRORS}
+    errors += [f"{key.removesuffix(_SET_ERROR_SUFFIX)} {_number(value)}" for key, value in metrics.items()
+               if key.endswith(_SET_ERROR_SUFFIX) and key.count("/") == 1 and key not in known]
     if errors:
         lines.append("  error      " + "   ".join(errors))
+    lines += [f"  {'skipped' if index == 0 else '':<10} {note}" for index, note in enumerate(notes)]
     if run.get("error"):
         lines.append(f"  why        {run['error']}")
     if run.get("recovered"):

@@ -17,6 +17,9 @@ from lit_sharp.atomic_files import write_json
 RESULTS_FILE = "results.json"
 STATUSES = ("completed", "diverged", "failed")
 HPARAM_KEYS = ("model", "lr", "sam_rho", "mixup_alpha", "augment", "seed")
+#: A pretrained model of a zoo (``mode=zoo``) records its zoo and name; the rest of its ``hparams`` is its own
+#: training hyperparameters from the zoo's metadata.
+ZOO_HPARAM_KEYS = ("zoo", "model")
 
 
 class ResultsError(ValueError):
@@ -46,7 +49,8 @@ def make_record(
         status: one of ``completed``, ``diverged``, ``failed``.
         seconds: wall time of the run.
         wandb_id: the W&B run id, or None without W&B.
-        hparams: ``model, lr, sam_rho, mixup_alpha, augment, seed``.
+        hparams: ``model, lr, sam_rho, mixup_alpha, augment, seed``; for a zoo model ``zoo, model`` and its own
+            hyperparameters.
         config: the whole resolved config; nested mappings are flattened to dotted keys.
         metrics: metric name -> value (errors as fractions in [0, 1]).
         error: for ``failed`` and ``diverged`` runs, what went wrong.
@@ -56,7 +60,7 @@ def make_record(
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    missing = [key for key in HPARAM_KEYS if key not in hparams]
+    missing = [key for key in (ZOO_HPARAM_KEYS if "zoo" in hparams else HPARAM_KEYS) if key not in hparams]
     if missing:
         raise ValueError(f"hparams lack {missing}")
     run: dict[str, Any] = {"name": name, "status": status, "seconds": float(seconds), "wandb_id": wandb_id}

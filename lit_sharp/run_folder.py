@@ -121,24 +121,27 @@ def run_lock(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
         yield
 
 
-def identity_of(cfg: DictConfig) -> dict[str, Any]:
-    """The config keys that decide what a run computes (see :data:`IDENTITY_PREFIXES`), flat."""
+def identity_of(cfg: DictConfig, prefixes: tuple[str, ...] = IDENTITY_PREFIXES,
+                speed_only: tuple[str, ...] = SPEED_ONLY_KEYS) -> dict[str, Any]:
+    """The config keys that decide what a run computes (``prefixes``, default :data:`IDENTITY_PREFIXES`, less
+    ``speed_only``), flat."""
     flat = flatten(to_plain(cfg))
-    return {key: flat[key] for key in sorted(flat)
-            if key.startswith(IDENTITY_PREFIXES) and key not in SPEED_ONLY_KEYS}
+    return {key: flat[key] for key in sorted(flat) if key.startswith(prefixes) and key not in speed_only}
 
 
-def claim_identity(cfg: DictConfig, run_dir: Path) -> None:
+def claim_identity(cfg: DictConfig, run_dir: Path, prefixes: tuple[str, ...] = IDENTITY_PREFIXES,
+                   speed_only: tuple[str, ...] = SPEED_ONLY_KEYS) -> None:
     """Record the run's identity on first launch; refuse a later launch into the folder with another config.
 
     The folder name carries only the grid's hyperparameters, so without this a run with, say, fewer epochs would
-    resume or skip a finished run of the full recipe.
+    resume or skip a finished run of the full recipe. ``prefixes`` and ``speed_only`` say which keys are the
+    identity (see :func:`identity_of`; a zoo run has its own).
 
     Raises:
         ConfigError: the folder holds a run of another configuration.
     """
     path = run_dir / IDENTITY_FILE
-    mine = identity_of(cfg)
+    mine = identity_of(cfg, prefixes, speed_only)
     if not path.is_file():
         write_json(path, mine, indent=2, default=str)
         return
@@ -149,7 +152,8 @@ def claim_identity(cfg: DictConfig, run_dir: Path) -> None:
     except (ValueError, UnicodeDecodeError) as exc:
         _recover_identity(path, mine, run_dir, exc)
         return
-    theirs = {**RECORDED_BEFORE, **theirs}
+    # Only keys of this identity: a zoo run's identity has no model.* keys to fill in.
+    theirs = {**{key: value for key, value in RECORDED_BEFORE.items() if key in mine}, **theirs}
     changed = [f"{key}: {theirs.get(key)!r} -> {mine.get(key)!r}" for key in sorted(set(mine) | set(theirs))
                if json.dumps(mine.get(key), default=str) != json.dumps(theirs.get(key), default=str)]
     if changed:
@@ -180,12 +184,13 @@ def is_finished(run_dir: Path) -> bool:
     return run_status(run_dir) in FINAL_STATUSES
 
 
-def record_refusal(cfg: DictConfig, run_dir: Path, exc: UserError) -> None:
+def record_refusal(cfg: DictConfig, run_dir: Path, exc: UserError, hparams: dict[str, Any] | None = None) -> None:
     """Write why a run was refused into its ``results.json``, unless the folder holds a finished run (kept as is)
-    or the error was already recorded (``exc.recorded``)."""
+    or the error was already recorded (``exc.recorded``). ``hparams`` default to :func:`hparams_of`."""
     if is_finished(run_dir) or getattr(exc, "recorded", False):
         return
-    record = make_record(name=run_dir.name, status="failed", seconds=0.0, wandb_id=None, hparams=hparams_of(cfg),
+    hparams = hparams_of(cfg) if hparams is None else hparams
+    record = make_record(name=run_dir.name, status="failed", seconds=0.0, wandb_id=None, hparams=hparams,
                          config=to_plain(cfg), metrics={}, error=f"refused: {exc}")
     record["run"]["refused"] = True
     write_results(run_dir, record)

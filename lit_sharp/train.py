@@ -2,7 +2,8 @@
 
 ``train.py`` (and ``python -m lit_sharp``) calls it once per run; tests call it directly. ``mode=train`` (the default)
 trains and measures the run the config describes (:func:`lit_sharp.training.train`); ``mode=eval ckpt_path=PATH``
-measures an existing checkpoint (:func:`lit_sharp.evaluate.evaluate`). A run folder is
+measures an existing checkpoint (:func:`lit_sharp.evaluate.evaluate`); ``mode=zoo`` measures a pretrained model of a
+zoo (:func:`lit_sharp.zoo.run.measure_zoo_model`, set by the ``zoo_*`` experiments). A run folder is
 ``<paths.root>/<name>/<run name>`` (:mod:`lit_sharp.run_folder`); :func:`run_dir_of` gives it for a config.
 """
 
@@ -17,6 +18,7 @@ from lit_sharp.console import quiet_library_noise
 from lit_sharp.evaluate import evaluate
 from lit_sharp.run_folder import run_dir_of
 from lit_sharp.training import train
+from lit_sharp.zoo.run import measure_zoo_model
 
 __all__ = ["run", "run_dir_of"]
 
@@ -38,4 +40,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = resolve_auto(cfg)
     if cfg.mode == "eval":
         return evaluate(cfg)
+    if cfg.mode == "zoo":
+        return measure_zoo_model(cfg)
     return train(cfg)

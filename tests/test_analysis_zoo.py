@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 from collections.abc import Mapping
@@ -17,19 +18,23 @@ from scipy.stats import kendalltau
 
 from lit_sharp.analysis import (
     AUG_SIZES,
+    ZOO_HEADLINE_MEASURES,
     correlations,
     generalization_gap,
     load_runs,
     main,
+    parse_measure,
     split_runs,
     zoo_point_styles,
 )
 from lit_sharp.results import flatten, json_metrics, write_results
+from lit_sharp.sharpness import IMAGENET_HEADLINE, preset
 from wandb_offline import read_offline_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-HEADLINE = "worst_linf_adaptive_rho0.002"
-HEADLINE_LN = "worst_linf_adaptive_ln_rho0.002"
+# The headline specs as the ImageNet presets name them (worst case from a random start).
+HEADLINE = IMAGENET_HEADLINE.name
+HEADLINE_LN = dataclasses.replace(IMAGENET_HEADLINE, normalize_logits=True).name
 AVERAGE = "average_linf_adaptive_rho0.1"
 AUGS = ("none", "light0", "medium1", "strong1")
 
@@ -373,3 +378,11 @@ def test_wandb_offline_run_per_zoo_group(tmp_path: Path, monkeypatch: pytest.Mon
                          m[f"sharpness/{HEADLINE}"], m["imagenet/err"], m["imagenet_v2/err"], m["imagenet_r/err"],
                          pytest.approx(m["imagenet/err"] - m["final/train_err"])])
     assert sorted(runs_table["data"]) == expected
+
+
+def test_the_zoo_headline_measures_are_specs_of_both_imagenet_presets() -> None:
+    assert ZOO_HEADLINE_MEASURES == (HEADLINE, HEADLINE_LN)
+    for name in ("imagenet_augreg", "imagenet_clip"):
+        names = {spec.name for spec in preset(name)}
+        assert set(ZOO_HEADLINE_MEASURES) <= names, name
+        assert all(parse_measure(measure) is not None for measure in names), name  # Table 1 can order every row

@@ -126,11 +126,11 @@ def test_no_private_attribute_of_another_lit_sharp_module_is_used():
 
 
 def test_the_run_orchestrations_are_imported_only_by_the_entry():
-    # train (the entry) -> training | evaluate -> run_folder, assembly, measurements, ... : nothing climbs back up.
+    # train (the entry) -> training | evaluate | zoo.run -> run_folder, assembly, measurements, ... : nothing climbs back up.
     importers = {target: sorted(module for module, targets in _graph().items() if target in targets)
-                 for target in (f"{PACKAGE}.training", f"{PACKAGE}.evaluate", f"{PACKAGE}.train")}
+                 for target in (f"{PACKAGE}.training", f"{PACKAGE}.evaluate", f"{PACKAGE}.zoo.run", f"{PACKAGE}.train")}
     assert importers == {f"{PACKAGE}.training": [f"{PACKAGE}.train"], f"{PACKAGE}.evaluate": [f"{PACKAGE}.train"],
-                         f"{PACKAGE}.train": [f"{PACKAGE}.cli"]}
+                         f"{PACKAGE}.zoo.run": [f"{PACKAGE}.train"], f"{PACKAGE}.train": [f"{PACKAGE}.cli"]}
 
 
 def test_the_maths_modules_import_no_framework():

@@ -15,6 +15,7 @@ import timm.data
 import torch
 from PIL import Image
 from torch import nn
+from zoo_sets import GREEN, RED, write_eval_tree, write_objectnet_mappings
 
 from lit_sharp.errors import DataError, UserError
 from lit_sharp.zoo.eval_sets import EVAL_SETS, EvalSetError, evaluation_errors
@@ -24,7 +25,6 @@ from lit_sharp.zoo.train_subsets import fixed_indices, sharpness_batches, train_
 
 DATA_CONFIG = dict(input_size=(3, 8, 8), interpolation="bilinear", crop_pct=1.0, crop_mode="center",
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # fmt: skip
-RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 INFO = Path(timm.data.__file__).parent / "_info"  # timm's own class-list files, read here without timm's code
 A_FIRST, A_SECOND = 6, 11  # the first two ImageNet indices of ImageNet-A (checked below against timm's file)
 
@@ -43,52 +43,9 @@ class MeanColour(nn.Module):
         return x.mean(dim=(2, 3)) @ self.weight.T
 
 
-def _image(path: Path, colour: tuple[int, int, int], border: tuple[int, int, int] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if border is None:
-        Image.new("RGB", (8, 8), colour).save(path, quality=95)
-    else:  # a 4 x 4 image inside a 2-pixel border, saved losslessly as ObjectNet's PNG files
-        image = Image.new("RGB", (8, 8), border)
-        image.paste(Image.new("RGB", (4, 4), colour), (2, 2))
-        image.save(path)
-
-
-def _objectnet_mappings(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Mapping files in the release's formats for 113 classes, and the classifier indices each folder should get.
-
-    ImageNet 2012 ids are a permutation of the classifier indices (``id = 7 p + 3 mod 1000``), as in the release.
-    """
-    folder.mkdir(parents=True)
-    id_of = {p: (7 * p + 3) % 1000 for p in range(1000)}
-    name_of_id = {id_2012: f"imagenet class {id_2012}" for id_2012 in range(1000)}
-    groups = {"obj_000": (500, 1), "obj_001": (2,), "obj_002": (0, 302)}  # 0: red, 1: green, 2: blue
-    groups |= {f"obj_{j:03d}": (100 + j, 300 + j) for j in range(3, 113)}
-    (folder / "imagenet_to_label_2012_v2").write_text("".join(f"{name_of_id[i]}\n" for i in range(1000)))
-    (folder / "pytorch_to_imagenet_2012_id.json").write_text(json.dumps({str(p): i for p, i in id_of.items()}))
-    labels = {name: f"Object {name[4:]}" for name in groups} | {"no_imagenet_class": "Tarp"}
-    (folder / "folder_to_objectnet_label.json").write_text(json.dumps(labels))
-    to_imagenet = {labels[name]: "; ".join(name_of_id[id_of[p]] for p in group) for name, group in groups.items()}
-    (folder / "objectnet_to_imagenet_1k.json").write_text(json.dumps(to_imagenet))
-    return groups
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sets")
-    for index, synset in enumerate(imagenet_synsets()):
-        # val: red for even classes, green for odd ones, named like the ILSVRC2012 val files ReaL labels.
-        _image(root / "imagenet/val" / synset / f"ILSVRC2012_val_{index + 1:08d}.JPEG", (RED, GREEN)[index % 2])
-        for copy in range(2):
-            _image(root / "imagenet/train" / synset / f"{synset}_{copy}.JPEG", (RED, GREEN, BLUE)[(index + copy) % 3])
-        _image(root / "sketch" / synset / "sketch_0.JPEG", RED)
-        _image(root / "imagenetv2-matched-frequency-format-val" / str(index) / "v2.jpeg", (RED, GREEN, BLUE)[index % 3])
-    for name, folder in (("imagenet_r", "imagenet-r"), ("imagenet_a", "imagenet-a")):
-        for position, synset in enumerate(subset_synsets(name)):
-            _image(root / folder / synset / "image.jpg", BLUE if position == 1 else GREEN)
-    groups = _objectnet_mappings(root / "objectnet-1.0/mappings")
-    for name in [*groups, "no_imagenet_class"]:
-        _image(root / "objectnet-1.0/images" / name / "image.png", BLUE if name == "obj_001" else GREEN, border=RED)
-    return root
+    return write_eval_tree(tmp_path_factory.mktemp("sets"))
 
 
 # ----------------------------------------------------------------------------------------------- class lists
@@ -126,7 +83,7 @@ def test_objectnet_class_scores_the_maximum_of_its_imagenet_logits() -> None:
 
 
 def test_objectnet_mapping_follows_the_release_files(tmp_path: Path) -> None:
-    groups = _objectnet_mappings(tmp_path / "mappings")
+    groups = write_objectnet_mappings(tmp_path / "mappings")
     mapping = read_objectnet_mapping(tmp_path / "mappings")
     assert mapping.folders == tuple(sorted(groups)) and len(mapping.folders) == 113
     assert dict(zip(mapping.folders, mapping.imagenet_indices)) == groups
@@ -141,7 +98,7 @@ def test_objectnet_crop_removes_two_pixels_on_each_side() -> None:
 
 def test_objectnet_ambiguous_imagenet_name_is_one_clear_error(tmp_path: Path) -> None:
     mappings = tmp_path / "mappings"
-    _objectnet_mappings(mappings)
+    write_objectnet_mappings(mappings)
     lines = (mappings / "imagenet_to_label_2012_v2").read_text().splitlines()
     lines[0] = lines[10]  # obj_000 maps to classifier index 1, 2012 id 10, whose name now also names id 0
     (mappings / "imagenet_to_label_2012_v2").write_text("\n".join(lines))

@@ -1,8 +1,8 @@
 """``python -m lit_sharp.zoo``: fetch a zoo's public files, or list its models.
 
 ``download ZOO --to DIR [--only N]`` fetches the zoo's metadata and model files into DIR (rerun it to resume);
-``list ZOO --root DIR [--downloaded]`` prints the zoo's model names, one per line. A user error prints one line and
-exits 2.
+``list ZOO --root DIR [--downloaded] [--comma]`` prints the zoo's model names, one per line (``--comma``: on one line,
+comma-separated, the form of a grid's ``zoo.model=...,...`` override). A user error prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("zoo", choices=[zoo for zoo in ZOOS if zoo != "timm"])
     listing.add_argument("--root", type=Path, required=True, metavar="DIR", help="folder of the zoo's files")
     listing.add_argument("--downloaded", action="store_true", help="only the models whose file is in DIR")
+    listing.add_argument("--comma", action="store_true",
+                         help="one comma-separated line, for a grid: python train.py -m ... zoo.model=$(...)")
     return parser
 
 
@@ -44,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = download_zoo(zoo_source(args.zoo), args.to, only=args.only, retries=args.retries)
             print(f"{args.zoo}: {len(paths)} files in {args.to}")
         else:
-            print("\n".join(list_zoo(args.zoo, args.root, downloaded_only=args.downloaded)))
+            names = list_zoo(args.zoo, args.root, downloaded_only=args.downloaded)
+            print(("," if args.comma else "\n").join(names))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
