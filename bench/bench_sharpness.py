@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lit_sharp.models import preact_resnet18
 from lit_sharp.sharpness import SharpnessSpec, sharpness
-from timing import seconds
+from timing import interleaved_times
 
 BATCH_SIZE = 128  # m of the paper's m-sharpness
 N_ITERS = 20
@@ -30,16 +30,7 @@ QUICK, FULL = (8, 1, 2, 20, 5), (64, 2, 8, 100, 5)
 def _interleaved_medians(
     functions: dict[str, Callable[[], object]], device: torch.device, repeats: int
 ) -> dict[str, float]:
-    # Interleaving keeps a slow spell of a shared machine from landing on one side of a ratio only, and reversing
-    # the order every other round keeps what ran just before (caches, thread pools) from favouring one side.
-    for function in functions.values():
-        function()  # warm-up: allocator, kernels, lazy initialisation
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    names = list(functions)
-    for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else reversed(names):
-            times[name].append(seconds(functions[name], device))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in interleaved_times(functions, device, repeats).items()}
 
 
 def measure(quick: bool = True, device: str | None = None) -> dict[str, object]:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_sharp.sharpness import IMAGENET_HEADLINE, SharpnessSpec, preset, sharpness
-from timing import seconds
+from timing import interleaved_times
 
 # lit_sharp.zoo is imported where it is used: through timm it imports W&B when installed, which bench/run.py's
 # --gpu-check path must not.
@@ -57,19 +57,6 @@ ZOO_PRESET = {"augreg_in1k": "imagenet_augreg", "augreg_in21k": "imagenet_augreg
 #: the same pass); a model also classifies the fixed training-error subset (``TRAIN_ERROR_IMAGES``).
 EVAL_SET_IMAGES = {"imagenet": 50_000, "imagenet_v2": 10_000, "imagenet_sketch": 50_889, "imagenet_r": 30_000,
                    "imagenet_a": 7_500, "objectnet": 18_574}
-
-
-def _interleaved(functions: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, list]:
-    # Interleaving keeps a slow spell of a shared machine from landing on one side of a ratio only; reversing the
-    # order every other round keeps what ran just before (caches, thread pools) from favouring one side.
-    for function in functions.values():
-        function()  # warm-up: allocator, kernels, lazy initialisation
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    names = list(functions)
-    for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else reversed(names):
-            times[name].append(seconds(functions[name], device))
-    return times
 
 
 def _ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
@@ -216,8 +203,8 @@ def measure(quick: bool = True, device: str | None = None, *, model_kwargs: dict
     counter = PassCounter(model)
     passes = {name: counter.counts(function) for name, function in functions.items()}
     counter.remove()
-    times = _interleaved({name: functions[name] for name in ("floor", "sharpness")}, target, repeats)
-    times |= _interleaved({name: functions[name] for name in ("bare_forward", "error_pass")}, target, repeats)
+    times = interleaved_times({name: functions[name] for name in ("floor", "sharpness")}, target, repeats)
+    times |= interleaved_times({name: functions[name] for name in ("bare_forward", "error_pass")}, target, repeats)
     sharp = _ratio(times["sharpness"], times["floor"])
     # Throughput ratio: images per second of the error pass over those of the bare loop.
     error_pass = _ratio(times["bare_forward"], times["error_pass"])
@@ -271,7 +258,7 @@ def pass_seconds(model: nn.Module, device: torch.device, batch_size: int, repeat
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
-    times = _interleaved({"forward": forward, "forward_backward": forward_backward}, device, repeats)
+    times = interleaved_times({"forward": forward, "forward_backward": forward_backward}, device, repeats)
     model.zero_grad(set_to_none=True)
     return {name: statistics.median(values) for name, values in times.items()}
 

@@ -111,3 +111,23 @@ def gpu_slot(uuids: list[str], runs_per_gpu: int, *, lock_dir: Path | None = Non
             log.info("all %d GPU slots are busy; waiting for one to free", len(slots))
             waited = True
         time.sleep(poll_seconds)
+
+
+@contextmanager
+def gpu_for_run(n_visible: int, runs_per_gpu: int, *, lock_dir: Path | None = None,
+                lock_mode: str = "auto") -> Iterator[int | None]:
+    """The GPU index a one-device run takes on this machine, held for the block.
+
+    Args:
+        n_visible: the number of visible CUDA devices (0 without CUDA).
+        runs_per_gpu, lock_dir, lock_mode: as for :func:`gpu_slot`.
+
+    Yields:
+        None without a GPU, or where a scheduler gave the job GPUs of its own (the job uses its first one); else the
+        index of a free slot's GPU, so that the runs of a grid launched side by side spread over the GPUs.
+    """
+    if n_visible == 0 or scheduler_owns_gpus(os.environ):
+        yield None
+        return
+    with gpu_slot(gpu_uuids(n_visible), runs_per_gpu, lock_dir=lock_dir, lock_mode=lock_mode) as gpu:
+        yield gpu

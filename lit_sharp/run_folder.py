@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ from lit_sharp.atomic_files import write_json
 from lit_sharp.checkpoint_io import checkpoint_defect, previous_of
 from lit_sharp.config import lock_mode, to_plain
 from lit_sharp.errors import ConfigError, UserError
-from lit_sharp.locks import ORPHAN_WAIT_SECONDS, hold
-from lit_sharp.results import RESULTS_FILE, flatten, make_record, run_status, write_results
+from lit_sharp.locks import ORPHAN_WAIT_SECONDS, LockBusy, hold
+from lit_sharp.results import RESULTS_FILE, flatten, make_record, read_results, run_status, write_results
 from lit_sharp.tracking import WANDB_ID_FILE
 
 IDENTITY_FILE = "run_config.json"
@@ -119,6 +119,44 @@ def run_lock(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock (see :func:`lit_sharp.locks.hold`); :class:`~lit_sharp.locks.LockBusy` if taken."""
     with hold(run_dir / RUN_LOCK, mode=lock_mode(cfg), orphan_wait=ORPHAN_WAIT_SECONDS):
         yield
+
+
+def in_run_folder(cfg: DictConfig, run_dir: Path, work: Callable[[], dict[str, Any]], *, doing: str,
+                  prefixes: tuple[str, ...] = IDENTITY_PREFIXES, speed_only: tuple[str, ...] = SPEED_ONLY_KEYS,
+                  hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Do the work of the run in ``run_dir`` under the folder's rules: hold its lock, claim its identity, skip it
+    when finished, record a refusal.
+
+    Args:
+        cfg: the run's config.
+        run_dir: the run folder (created when missing).
+        work: returns the run's record; called only for a run that is not finished yet.
+        doing: what ``work`` does, for the log line when another process holds the lock (``training``).
+        prefixes, speed_only: the identity's keys, see :func:`identity_of`.
+        hparams: the record's ``hparams`` of a refusal (default: :func:`hparams_of`).
+
+    Returns:
+        ``work()``'s record; the recorded one of a finished run; ``{"run": {"name", "status": "running", "error":
+        "held by host:pid"}}`` when another process holds the lock.
+
+    Raises:
+        UserError: a bad config or missing data (also written into the run's ``results.json``).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(cfg, run_dir):
+            try:
+                claim_identity(cfg, run_dir, prefixes, speed_only)
+                if is_finished(run_dir):
+                    log.info("skipping %s: already %s", run_dir, run_status(run_dir))
+                    return read_results(run_dir)
+                return work()
+            except UserError as exc:
+                record_refusal(cfg, run_dir, exc, hparams=hparams)
+                raise
+    except LockBusy as busy:
+        log.warning("skipping %s: another process is %s it (%s)", run_dir, doing, busy)
+        return {"run": {"name": run_dir.name, "status": "running", "error": f"held by {busy.holder}"}}
 
 
 def identity_of(cfg: DictConfig, prefixes: tuple[str, ...] = IDENTITY_PREFIXES,

@@ -16,7 +16,6 @@ finishes the job.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,13 +37,11 @@ from lit_sharp.callbacks.run_clock import ATTEMPTS_FILE, RunClock
 from lit_sharp.config import lock_dir, lock_mode, to_plain
 from lit_sharp.console import run_summary
 from lit_sharp.errors import UserError
-from lit_sharp.gpu_slots import gpu_slot, gpu_uuids, scheduler_owns_gpus
-from lit_sharp.locks import LockBusy
+from lit_sharp.gpu_slots import gpu_for_run
 from lit_sharp.measurements import MeasurementChecks, measured_at, split_measures
 from lit_sharp.module import Diverged
-from lit_sharp.results import ResultsError, make_record, read_results, run_status, write_results
-from lit_sharp.run_folder import (claim_identity, hparams_of, is_finished, record_refusal, resume_checkpoint,
-                                  run_dir_of, run_lock)
+from lit_sharp.results import ResultsError, make_record, read_results, write_results
+from lit_sharp.run_folder import hparams_of, in_run_folder, resume_checkpoint, run_dir_of
 from lit_sharp.tracking import build_loggers, finish_wandb, log_config, run_tags, wandb_location
 
 log = logging.getLogger(__name__)
@@ -62,37 +59,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         UserError: a bad config or missing data (also written into the run's ``results.json``).
     """
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with run_lock(cfg, run_dir):
-            try:
-                claim_identity(cfg, run_dir)
-                if is_finished(run_dir):
-                    log.info("skipping %s: already %s", run_dir, run_status(run_dir))
-                    return read_results(run_dir)
-                with _gpu_for(cfg) as devices:
-                    return _fit_and_measure(cfg, run_dir, devices)
-            except UserError as exc:
-                record_refusal(cfg, run_dir, exc)
-                raise
-    except LockBusy as busy:
-        log.warning("skipping %s: another process is training it (%s)", run_dir, busy)
-        return {"run": {"name": run_dir.name, "status": "running", "error": f"held by {busy.holder}"}}
+
+    def work() -> dict[str, Any]:
+        with _gpu_for(cfg) as devices:
+            return _fit_and_measure(cfg, run_dir, devices)
+
+    return in_run_folder(cfg, run_dir, work, doing="training")
 
 
 @contextmanager
 def _gpu_for(cfg: DictConfig) -> Iterator[list[int] | None]:
     """A GPU slot (see :mod:`lit_sharp.gpu_slots`) for a one-device run on a CUDA machine; else the config decides."""
     wants_gpu = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") and cfg.trainer.devices in (1, "1")
-    if not (wants_gpu and torch.cuda.is_available()):
-        yield None
-        return
-    if scheduler_owns_gpus(os.environ):
-        yield None  # the job's own GPUs: Lightning takes the first
-        return
-    with gpu_slot(gpu_uuids(torch.cuda.device_count()), int(cfg.resources.runs_per_gpu), lock_dir=lock_dir(cfg),
-                  lock_mode=lock_mode(cfg)) as gpu:
-        yield [gpu]
+    n_visible = torch.cuda.device_count() if wants_gpu and torch.cuda.is_available() else 0
+    with gpu_for_run(n_visible, int(cfg.resources.runs_per_gpu), lock_dir=lock_dir(cfg),
+                     lock_mode=lock_mode(cfg)) as gpu:
+        yield None if gpu is None else [gpu]
 
 
 def _fit_and_measure(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> dict[str, Any]:

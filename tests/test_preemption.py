@@ -197,7 +197,7 @@ def test_an_unreadable_checkpoint_is_moved_aside_and_the_run_resumes_from_the_on
     (aside,) = last.parent.glob("last.ckpt.unreadable-*")
     assert aside.stat().st_size == len(intact) // 2  # moved, not deleted
     assert record["run"]["status"] == "completed"
-    assert record["run"]["recovered"].startswith(f"last.ckpt was unreadable (BadZipFile")
+    assert record["run"]["recovered"].startswith("last.ckpt was unreadable (BadZipFile")
     assert record["run"]["recovered"].endswith("resumed from last.previous.ckpt")
     summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"run {run_dir.name}:")]
     assert sum("  recovered  last.ckpt was unreadable" in line for line in summaries[-1].splitlines()) == 1

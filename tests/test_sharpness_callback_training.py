@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from lit_sharp.callbacks.sharpness import SECONDS_KEY, AdaptiveSharpness
 from lit_sharp.sharpness import SharpnessSpec, sharpness

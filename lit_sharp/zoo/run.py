@@ -16,7 +16,6 @@ the one that failed) and the numbers so far, and a relaunch measures only what i
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -34,12 +33,11 @@ from torch.utils.data import DataLoader
 from lit_sharp.callbacks.sharpness import ERR_INCREASE_PREFIX, VALUE_PREFIX
 from lit_sharp.config import lock_dir, lock_mode, to_plain
 from lit_sharp.console import run_summary
-from lit_sharp.errors import ConfigError, UserError
+from lit_sharp.errors import ConfigError
 from lit_sharp.evaluation import classification_error
-from lit_sharp.gpu_slots import gpu_slot, gpu_uuids, scheduler_owns_gpus
-from lit_sharp.locks import LockBusy
-from lit_sharp.results import ResultsError, flatten, make_record, read_results, run_status, write_results
-from lit_sharp.run_folder import claim_identity, is_finished, record_refusal, run_lock
+from lit_sharp.gpu_slots import gpu_for_run
+from lit_sharp.results import ResultsError, flatten, make_record, read_results, write_results
+from lit_sharp.run_folder import in_run_folder
 from lit_sharp.sharpness import PRESETS, SharpnessSpec, preset, sharpness
 from lit_sharp.tracking import build_loggers, finish_wandb, wandb_location
 from lit_sharp.zoo.eval_sets import EVAL_SETS, evaluation_errors
@@ -62,8 +60,8 @@ def measure_zoo_model(cfg: DictConfig) -> dict[str, Any]:
     """Measure the model ``cfg.zoo.model`` of ``cfg.zoo.name`` unless its run folder already holds its numbers.
 
     Returns:
-        The run's ``results.json`` record; ``{"run": {"name": ..., "status": "running"}}`` when another process holds
-        the run folder's lock.
+        The run's ``results.json`` record; ``{"run": {"name": ..., "status": "running", "error": "held by
+        host:pid"}}`` when another process holds the run folder's lock.
 
     Raises:
         UserError: a bad ``zoo.*`` key, a missing or corrupt model file, an evaluation folder without its classes
@@ -71,22 +69,13 @@ def measure_zoo_model(cfg: DictConfig) -> dict[str, Any]:
     """
     check_zoo_config(cfg)
     run_dir = zoo_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with run_lock(cfg, run_dir):
-            try:
-                claim_identity(cfg, run_dir, IDENTITY_PREFIXES, SPEED_ONLY_KEYS)
-                if is_finished(run_dir):
-                    log.info("skipping %s: already %s", run_dir, run_status(run_dir))
-                    return read_results(run_dir)
-                with _device_for(cfg) as device:
-                    return _measure(cfg, run_dir, device)
-            except UserError as exc:
-                record_refusal(cfg, run_dir, exc, hparams=_named(cfg))
-                raise
-    except LockBusy as busy:
-        log.warning("skipping %s: another process is measuring it (%s)", run_dir, busy)
-        return {"run": {"name": run_dir.name, "status": "running"}}
+
+    def work() -> dict[str, Any]:
+        with _device_for(cfg) as device:
+            return _measure(cfg, run_dir, device)
+
+    return in_run_folder(cfg, run_dir, work, doing="measuring", prefixes=IDENTITY_PREFIXES,
+                         speed_only=SPEED_ONLY_KEYS, hparams=_named(cfg))
 
 
 def zoo_run_dir(cfg: DictConfig) -> Path:
@@ -182,16 +171,14 @@ class _Progress:
 
 @contextmanager
 def _device_for(cfg: DictConfig) -> Iterator[torch.device]:
-    """The CPU without CUDA; the job's own GPU under a scheduler; else a GPU slot (:mod:`lit_sharp.gpu_slots`), so
-    a grid launched with several jobs at once spreads over the visible GPUs as training runs do."""
+    """The CPU without CUDA; else the run's GPU (:func:`lit_sharp.gpu_slots.gpu_for_run`), so that a grid launched
+    with several jobs at once spreads over the visible GPUs as training runs do."""
     if not torch.cuda.is_available():
         yield torch.device("cpu")
-    elif scheduler_owns_gpus(os.environ):
-        yield torch.device("cuda")
-    else:
-        with gpu_slot(gpu_uuids(torch.cuda.device_count()), int(cfg.resources.runs_per_gpu), lock_dir=lock_dir(cfg),
-                      lock_mode=lock_mode(cfg)) as gpu:
-            yield torch.device("cuda", gpu)
+        return
+    with gpu_for_run(torch.cuda.device_count(), int(cfg.resources.runs_per_gpu), lock_dir=lock_dir(cfg),
+                     lock_mode=lock_mode(cfg)) as gpu:
+        yield torch.device("cuda", gpu or 0)
 
 
 def _measure(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
