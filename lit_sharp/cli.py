@@ -62,7 +62,13 @@ def _write_outcome(status: str, error: str | None, run_name: str | None) -> None
 
 
 def status_command(config: DictConfig) -> str:
-    """The ``grid status`` command that lists this launch's runs with the reasons of the failed ones."""
+    """The ``grid status`` command that lists this launch's runs with the reasons of the failed ones.
+
+    A zoo launch (``mode=zoo``) has no grid config for ``grid status`` to expand; its hint is the launch itself, which
+    skips the measured models and measures the rest.
+    """
+    if config.get("mode") == "zoo":
+        return "the same command again, which measures only what is missing"
     overrides = [str(o) for o in config.hydra.overrides.task]
     grid = next((o.split("=", 1)[1] for o in overrides if o.startswith("grid=")), "GRID")
     rest = " ".join(o for o in overrides if not o.startswith("grid="))

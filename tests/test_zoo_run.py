@@ -231,3 +231,21 @@ def test_a_missing_model_name_says_how_to_list_the_zoo(zoo_root: Path, sets: Pat
     with pytest.raises(ConfigError, match="zoo.sharpness_batches=0"):
         run(compose_config(*tiny_overrides(zoo_root, sets, tmp_path, "zoo.model=x", "zoo.sharpness_batches=0")))
     assert not (tmp_path / GRID).exists()
+
+
+def test_an_unfinished_zoo_grid_points_at_its_own_relaunch(tmp_path: Path, capsys) -> None:
+    from omegaconf import OmegaConf
+
+    from lit_sharp.cli import GridReport
+    from lit_sharp.outcomes import write_outcome
+
+    sweep = tmp_path / "sweep"
+    write_outcome(sweep / "0", "completed", None, MODELS[0], [f"zoo.model={MODELS[0]}"])
+    write_outcome(sweep / "1", "failed", "cannot read the model file", MODELS[1], [f"zoo.model={MODELS[1]}"])
+    config = OmegaConf.create({"mode": "zoo", "hydra": {"sweep": {"dir": str(sweep)}, "overrides": {"task": []}}})
+    with pytest.raises(SystemExit) as exit_:
+        GridReport().on_multirun_end(config)
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("; see the same command again, which measures only what is missing")
+    assert "grid status" not in lines[0] and MODELS[1] in lines[1] and "cannot read the model file" in lines[1]
