@@ -60,3 +60,15 @@ def tiny_run_overrides(synthetic_root: Path, runs: Path, *extra: str) -> list[st
         "trainer.enable_progress_bar=false",
         *extra,
     ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: tiny models and batches gain nothing from intra-op threads, and on a
+    shared 2-core machine two threads wait on each other (and make a ratio's two sides wait unequally)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,15 +16,6 @@ TINY_RESNET = {"width": 4, "blocks_per_stage": 1}
 TRIES = 3
 
 
-@pytest.fixture
-def one_thread():
-    # Two threads on a machine shared with other processes make a ratio's two sides wait unequally.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _first_in_bands(measure, bands):
     """Measure up to TRIES times; return the first result whose ratios all lie in their bands, else the last."""
     for _ in range(TRIES):

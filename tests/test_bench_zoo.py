@@ -15,15 +15,6 @@ N_ITERS, N_BATCHES = 4, 2
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Tiny ops on a CPU shared with other jobs: a second thread mostly waits for a core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def result(one_thread):
     return bench_zoo.measure(device="cpu", model_kwargs=TINY_VIT, n_batches=N_BATCHES, batch_size=8,
                              n_iters=N_ITERS, repeats=3, decode_batches=0)

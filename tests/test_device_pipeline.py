@@ -26,13 +26,7 @@ from lit_sharp.seeding import AUGMENT_STREAM, derived_seed
 aten = torch.ops.aten
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of 32x32 images are too small for intra-op threads to pay; on a shared 2-core machine they cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,12 +35,7 @@ CPU = torch.device("cpu")
 SIGNED = [name for name in PAPER_OP_NAMES if PAPER_OPS[name][3]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def noise_images(batch: int, height: int = 32, width: int = 32, seed: int = 0, low: int = 0, high: int = 256):

@@ -53,13 +53,7 @@ def reference_model(seed: int) -> torch.nn.Module:
     return randomize_(timm.create_model("vit_base_patch16_224", **TINY), seed=seed).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared machine: threads would only wait for each other (as OMP_NUM_THREADS=1 in the child).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
